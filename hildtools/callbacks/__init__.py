@@ -1,0 +1,1 @@
+"""Lightning callbacks: schedule + probe + metric + log."""

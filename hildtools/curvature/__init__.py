@@ -1,0 +1,1 @@
+"""Hessian-vector products, Lanczos, trace, spectral density, stability thresholds (plain torch)."""

@@ -1,0 +1,1 @@
+"""Representation and kernel metrics: functional forms and torchmetrics Metrics."""

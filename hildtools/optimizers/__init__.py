@@ -1,0 +1,1 @@
+"""Drop-in torch.optim optimizers (plain torch, no Lightning)."""
