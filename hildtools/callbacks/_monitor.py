@@ -1,0 +1,147 @@
+"""The shared shape of every hildtools monitor: a schedule, a probe, a measurement, a log.
+
+A subclass sets ``namespace`` and implements :meth:`Monitor.measure`; this base decides when to measure, draws and
+keeps the probe set, runs the measurement inside :meth:`hildtools.probe.Probe.session` (no side effects on
+training), skips non-finite results with a warning, logs under ``<namespace>/`` and round-trips its state through
+checkpoints (tensors and primitives only, so ``weights_only=True`` loading works).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from hildtools.logging import log_metrics, to_float
+from hildtools.probe import LossFn, Probe, Unpack
+
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+class SkipMeasurement(Exception):
+    """Raised inside :meth:`Monitor.measure` to skip this measurement with a warning (e.g. a NaN probe loss)."""
+
+
+def check_schedule(every_n_steps: int | None, every_n_epochs: int | None) -> None:
+    for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+    if (every_n_steps is None) == (every_n_epochs is None):
+        raise ValueError("give exactly one of every_n_steps and every_n_epochs")
+
+
+class Monitor(Callback):
+    """Base class: schedule + probe + measure + log.
+
+    Args:
+        every_n_steps: measure after every ``every_n_steps`` optimizer steps (exclusive with ``every_n_epochs``).
+        every_n_epochs: measure at the end of every ``every_n_epochs`` training epochs.
+        probe_size: examples drawn once from the train dataloader at fit start when ``probe_data`` is None.
+        probe_data: a fixed batch (tuple/list/dict of tensors) or an iterable of batches (e.g. a DataLoader).
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step``, logging silenced.
+        unpack: ``unpack(batch) -> (inputs, targets)``; default: ``batch[0], batch[1]``.
+        bn_mode: ``"eval"`` (BatchNorm running statistics) or ``"train"`` (probe-batch statistics).
+        measure_at_start: also measure once when training starts (step 0), before any update.
+
+    Raises:
+        ValueError: for an invalid schedule, ``probe_size`` or ``bn_mode``, naming the argument.
+    """
+
+    namespace = "monitor"
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        probe_size: int = 256,
+        probe_data: Any = None,
+        loss_fn: LossFn | None = None,
+        unpack: Unpack | None = None,
+        bn_mode: str = "eval",
+        measure_at_start: bool = True,
+    ) -> None:
+        check_schedule(every_n_steps, every_n_epochs)
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.probe = Probe(probe_data, probe_size, loss_fn, unpack, bn_mode)
+        self.measure_at_start = measure_at_start
+        self.last_step = -1
+        self.last_metrics: dict[str, float] = {}
+
+    # -- to implement ---------------------------------------------------------------------------------------------
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
+        """Return ``{name: scalar}`` (logged as ``<namespace>/<name>``). Runs inside the probe session."""
+        raise NotImplementedError
+
+    def extra_state_dict(self) -> dict:
+        """Subclass state to checkpoint (tensors and primitives only)."""
+        return {}
+
+    def load_extra_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`extra_state_dict` returned."""
+
+    def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hook for subclass checks once the probe batch is fixed (e.g. that double backward works)."""
+
+    # -- Lightning hooks ------------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if strategy in SHARDED_STRATEGIES:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support {strategy}: its parameters are sharded across ranks, so "
+                "the probe cannot evaluate the model locally. Use strategy='ddp' (or a single device) for runs you "
+                "diagnose, or apply hildtools' functional API to a gathered copy of the model."
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.probe.prepare(trainer, pl_module)
+        self.on_fit_setup(trainer, pl_module)
+        if self.measure_at_start and trainer.global_step == 0 and self.last_step < 0:
+            self.run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > self.last_step and step % self.every_n_steps == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.run(trainer, pl_module)
+
+    # -- measuring ------------------------------------------------------------------------------------------------
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Measure now (on every rank), log, and return the logged values; ``{}`` when skipped."""
+        self.last_step = trainer.global_step
+        batch = self.probe.prepare(trainer, pl_module)
+        with self.probe.session(pl_module) as module:
+            try:
+                metrics = self.measure(trainer, pl_module, module, self.probe.prepare_batch(batch))
+            except SkipMeasurement as reason:
+                rank_zero_warn(f"{type(self).__name__}: measurement at step {trainer.global_step} skipped: {reason}")
+                return {}
+        values = {f"{self.namespace}/{name}": to_float(value) for name, value in metrics.items()}
+        bad = sorted(key for key, value in values.items() if value != value or abs(value) == float("inf"))
+        if bad:
+            rank_zero_warn(
+                f"{type(self).__name__}: measurement at step {trainer.global_step} skipped: non-finite {bad}"
+            )
+            return {}
+        self.last_metrics = log_metrics(trainer, values)
+        return self.last_metrics
+
+    # -- checkpointing --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "probe": self.probe.state_dict(), **self.extra_state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        self.last_step = state.pop("last_step", -1)
+        self.probe.load_state_dict(state.pop("probe", {}))
+        self.load_extra_state_dict(state)

@@ -1,0 +1,314 @@
+"""Side-effect-free evaluation of the user's model on fixed probe data.
+
+Every diagnostic runs its extra forward/backward passes inside :meth:`Probe.session`, which leaves training
+exactly as it was: parameters and ``.grad`` (only ``torch.autograd.grad`` is used, never ``.backward()``),
+per-submodule train/eval modes, BatchNorm running statistics and ``num_batches_tracked``, the global CPU and
+CUDA RNG streams, autocast and grad mode. It works from training hooks, from validation inside ``fit``
+(``no_grad``) and from ``trainer.validate`` (``inference_mode``).
+
+BatchNorm mode (``bn_mode``) decides which loss is probed:
+
+* ``"eval"``: every module in eval mode; BatchNorm uses its running statistics (a deterministic landscape,
+  PyHessian's choice).
+* ``"train"``: BatchNorm uses the statistics of the probe batch (the loss the optimizer sees); its running
+  statistics are restored afterwards. Dropout is off in both modes, so the probed loss is deterministic.
+
+The two can differ several-fold in sharpness on BatchNorm networks; the choice is logged nowhere implicitly,
+so set it explicitly when it matters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+BN_MODES = ("eval", "train")
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+Unpack = Callable[[Any], tuple]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module under DistributedDataParallel / DataParallel wrappers (their forward runs collectives)."""
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        module = module.module
+    return module
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1
+    )
+
+
+def all_reduce_mean(tensor: Tensor) -> Tensor:
+    """Mean over ranks, on every rank (a new tensor; the input is left alone). No-op when not distributed."""
+    if not is_distributed():
+        return tensor
+    out = tensor.clone()
+    torch.distributed.all_reduce(out)
+    return out / torch.distributed.get_world_size()
+
+
+def default_unpack(batch: Any) -> tuple:
+    """``(inputs, targets)`` from a ``(x, y, ...)`` tuple/list, a ``{"x"/"input", "y"/"label"/"target"}`` dict,
+    or a bare tensor (targets ``None``)."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        inputs = next((batch[k] for k in ("x", "input", "inputs", "input_ids") if k in batch), None)
+        targets = next((batch[k] for k in ("y", "label", "labels", "target", "targets") if k in batch), None)
+        if inputs is None:
+            raise ValueError(f"unpack: cannot find the inputs among the batch keys {sorted(batch)}; pass `unpack=`")
+        return inputs, targets
+    if isinstance(batch, (tuple, list)) and len(batch) >= 1:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(f"unpack: unsupported batch type {type(batch).__name__}; pass `unpack=`")
+
+
+def map_tensors(fn: Callable[[Tensor], Tensor], batch: Any) -> Any:
+    """Apply ``fn`` to every tensor of a nested tuple/list/dict batch."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)((k, map_tensors(fn, v)) for k, v in batch.items())
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(map_tensors(fn, v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(fn, v) for v in batch)
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """Leading dimension of the first tensor found in the batch."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        size = batch_size(item)
+        if size:
+            return size
+    return 0
+
+
+def concat_batches(batches: list) -> Any:
+    """Concatenate same-structured batches along dim 0 (non-tensor leaves keep the first batch's value)."""
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.cat(batches) if first.dim() else first
+    if isinstance(first, Mapping):
+        return type(first)((k, concat_batches([b[k] for b in batches])) for k in first)
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(concat_batches(list(parts)) for parts in zip(*batches)))
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat_batches(list(parts)) for parts in zip(*batches))
+    return first
+
+
+def slice_batch(batch: Any, n: int) -> Any:
+    return map_tensors(lambda t: t[:n] if t.dim() else t, batch)
+
+
+@contextlib.contextmanager
+def preserved_rng(device: torch.device | None = None, generators: Iterable[torch.Generator] = ()) -> Iterator[None]:
+    """Restore the global CPU RNG, the CUDA RNG of ``device`` and the given generators on exit."""
+    cuda = device is not None and device.type == "cuda"
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+    saved = [(g, g.get_state()) for g in generators]
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda:
+            torch.cuda.set_rng_state(cuda_state, device)
+        for g, state in saved:
+            g.set_state(state)
+
+
+def dataloader_generators(loader: Any) -> list[torch.Generator]:
+    """The private generators a DataLoader (its sampler, its batch sampler's sampler) draws shuffles from."""
+    owners = [loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    found = []
+    for owner in owners:
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
+def draw_examples(batches: Iterable, n: int) -> Any:
+    """The first ``n`` examples of an iterable of batches, concatenated, as CPU/device tensors as they come.
+
+    The global RNG and the loader's own generators are restored afterwards: starting a shuffling DataLoader's
+    iterator draws from them, and training must see the same order as without the probe.
+    """
+    taken, count = [], 0
+    with preserved_rng(generators=dataloader_generators(batches)):
+        for batch in batches:
+            taken.append(batch)
+            count += batch_size(batch)
+            if count >= n:
+                break
+    if not taken:
+        raise ValueError("probe_data: the dataloader yielded no batches")
+    return slice_batch(concat_batches(taken), n)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
+    """The module's own ``training_step(batch, 0)`` loss, with ``self.log``/``self.log_dict`` silenced."""
+    if not hasattr(module, "training_step"):
+        raise TypeError(
+            "loss_fn: the model has no `training_step`; pass `loss_fn=lambda model, batch: ...` returning a scalar"
+        )
+    silence = ("log", "log_dict")
+    for name in silence:
+        setattr(module, name, lambda *args, **kwargs: None)
+    try:
+        out = module.training_step(batch, 0)
+    finally:
+        for name in silence:
+            delattr(module, name)
+    if isinstance(out, Mapping):
+        out = out["loss"]
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            "loss_fn: `training_step` returned no loss tensor; pass `loss_fn=lambda model, batch: ...` instead"
+        )
+    return out
+
+
+class Probe:
+    """Fixed probe data and a side-effect-free session on the user's model.
+
+    Args:
+        data: ``None`` (draw ``probe_size`` examples once from the train dataloader at fit start), a batch
+            (tensor, or tuple/list/dict of tensors), or an iterable of batches such as a ``DataLoader``.
+        probe_size: number of examples drawn when ``data`` is ``None`` or an iterable (>= 1).
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step`` with logging
+            suppressed.
+        unpack: ``unpack(batch) -> (inputs, targets)``; default :func:`default_unpack`.
+        bn_mode: ``"eval"`` or ``"train"`` (see the module docstring).
+
+    Raises:
+        ValueError: ``probe_size < 1`` or an unknown ``bn_mode``.
+        TypeError: ``loss_fn``/``unpack`` not callable.
+    """
+
+    def __init__(
+        self,
+        data: Any = None,
+        probe_size: int = 256,
+        loss_fn: LossFn | None = None,
+        unpack: Unpack | None = None,
+        bn_mode: str = "eval",
+    ) -> None:
+        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
+            raise ValueError(f"probe_size must be an integer >= 1, got {probe_size!r}")
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        for name, fn in (("loss_fn", loss_fn), ("unpack", unpack)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        self.data = data
+        self.probe_size = probe_size
+        self.loss_fn = loss_fn
+        self._unpack = unpack or default_unpack
+        self.bn_mode = bn_mode
+        self.batch: Any = None
+
+    def prepare(self, trainer: Any = None, module: nn.Module | None = None) -> Any:
+        """Fix the probe batch (once) and move it to the module's device. Returns it."""
+        if self.batch is None:
+            self.batch = self._draw(trainer)
+        if module is not None:
+            device = module_device(module)
+            self.batch = map_tensors(lambda t: t.to(device), self.batch)
+        return self.batch
+
+    def _draw(self, trainer: Any) -> Any:
+        data = self.data
+        if data is None:
+            data = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+            if data is None:
+                raise ValueError(
+                    "probe_data: no probe data given and no train dataloader to draw from; pass `probe_data=`"
+                )
+        if isinstance(data, (Tensor, Mapping)) or (
+            isinstance(data, (tuple, list)) and data and isinstance(data[0], Tensor)
+        ):
+            return data
+        return draw_examples(data, self.probe_size)
+
+    def unpack(self, batch: Any) -> tuple:
+        return self._unpack(batch)
+
+    def loss(self, module: nn.Module, batch: Any) -> Tensor:
+        """The probe loss as an fp32 (or fp64) scalar."""
+        loss = self.loss_fn(module, batch) if self.loss_fn is not None else training_step_loss(module, batch)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+        return loss.reshape(()) if loss.dtype == torch.float64 else loss.reshape(()).float()
+
+    @contextlib.contextmanager
+    def session(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Probe mode on the unwrapped ``module``; everything training depends on is restored on exit.
+
+        Inside: grad enabled (even under ``inference_mode``), autocast off, dropout off, BatchNorm per ``bn_mode``.
+        Inference-mode tensors in the probe batch are cloned into normal ones by :meth:`prepare_batch`.
+        """
+        module = unwrap(module)
+        device = module_device(module)
+        modes = [(m, m.training) for m in module.modules()]
+        norms = [m for m in module.modules() if isinstance(m, _NormBase)]
+        saved_buffers = [
+            (buf, buf.detach().clone()) for m in norms for buf in m.buffers(recurse=False) if buf is not None
+        ]
+        grads = [(p, p.grad) for p in module.parameters()]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+            stack.enter_context(preserved_rng(device))
+            try:
+                module.eval()
+                if self.bn_mode == "train":
+                    for m in norms:
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.train()
+                yield module
+            finally:
+                for m, training in modes:
+                    m.training = training
+                with torch.no_grad():
+                    for buf, saved in saved_buffers:
+                        buf.copy_(saved)
+                for p, grad in grads:
+                    p.grad = grad
+
+    def prepare_batch(self, batch: Any | None = None) -> Any:
+        """The probe batch as normal (non-inference) tensors; call inside :meth:`session`."""
+        batch = self.batch if batch is None else batch
+        return map_tensors(lambda t: t.clone() if t.is_inference() else t, batch)
+
+    def state_dict(self) -> dict:
+        """The drawn probe batch (tensors only, on CPU) so a resumed run probes the same examples."""
+        if self.batch is None or self.data is not None:
+            return {}
+        return {"batch": map_tensors(lambda t: t.detach().cpu(), self.batch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "batch" in state:
+            self.batch = state["batch"]
