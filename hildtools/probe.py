@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from hildtools.distributed import all_reduce_mean  # noqa: F401  (re-exported for monitors)
+
 BN_MODES = ("eval", "train")
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -38,21 +40,6 @@ def unwrap(module: nn.Module) -> nn.Module:
     while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         module = module.module
     return module
-
-
-def is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
-        torch.distributed.get_world_size() > 1
-    )
-
-
-def all_reduce_mean(tensor: Tensor) -> Tensor:
-    """Mean over ranks, on every rank (a new tensor; the input is left alone). No-op when not distributed."""
-    if not is_distributed():
-        return tensor
-    out = tensor.clone()
-    torch.distributed.all_reduce(out)
-    return out / torch.distributed.get_world_size()
 
 
 def default_unpack(batch: Any) -> tuple:
