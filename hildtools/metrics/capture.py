@@ -1,0 +1,140 @@
+"""Capture the features of named modules with forward hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_CAPTURES = ("input", "output")
+_POOLS = ("avg", "flatten")
+
+
+def default_layer(model: nn.Module) -> str:
+    """Name of the last ``nn.Linear`` in ``model.named_modules()`` order (usually the classifier)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError("no nn.Linear found in the model: pass `layers` (module names) explicitly")
+    return names[-1]
+
+
+class FeatureCapture:
+    """Record the input or output of named modules, as (N, D) rows, during forward passes.
+
+    Use it as a context manager: hooks are registered on entry and always removed on exit, also
+    when the forward pass raises. Each forward call appends its rows, so ``features[name]`` holds
+    the examples of all calls inside the block, in call order. Captured tensors are detached and
+    upcast to at least fp32.
+
+    Rows: a tensor with more than two dimensions is pooled. For ``nn.Linear`` modules the feature
+    dimension is the last one; for every other module it is dim 1 (conv layout ``N, C, *spatial``).
+    ``pool="avg"`` (default) averages over the remaining dimensions (global average pooling: D = C
+    for conv maps); ``pool="flatten"`` keeps them (D = C * H * W, the SAM feature-rank setting).
+    With ``projection_dim=k`` and D > k, rows are multiplied by a fixed Gaussian matrix with
+    N(0, 1/k) entries drawn from a private generator seeded with ``seed`` (the same matrix at every
+    call and on every rank; distances are preserved up to O(1/sqrt(k)) relative error).
+
+    Args:
+        model: the module to hook.
+        layers: a module name, a sequence of names, or ``None`` for the last ``nn.Linear``
+            (see :func:`default_layer`).
+        capture: ``"input"`` (first positional argument; default: the classifier's input, i.e.
+            the penultimate features) or ``"output"``.
+        pool: ``"avg"`` or ``"flatten"``.
+        projection_dim: optional positive bound on the feature dimension.
+        seed: seed of the projection matrices.
+
+    Raises:
+        ValueError: for an unknown layer name (the message lists the available names) or bad
+            ``capture``/``pool``/``projection_dim``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> with FeatureCapture(net) as capture:
+        ...     _ = net(torch.randn(5, 4))
+        >>> capture.features["2"].shape
+        torch.Size([5, 8])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Sequence[str] | None = None,
+        capture: str = "input",
+        pool: str = "avg",
+        projection_dim: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if capture not in _CAPTURES:
+            raise ValueError(f"`capture` must be one of {_CAPTURES}, got {capture!r}")
+        if pool not in _POOLS:
+            raise ValueError(f"`pool` must be one of {_POOLS}, got {pool!r}")
+        if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim < 1):
+            raise ValueError(f"`projection_dim` must be None or a positive integer, got {projection_dim!r}")
+        modules = dict(model.named_modules())
+        names = [default_layer(model)] if layers is None else [layers] if isinstance(layers, str) else list(layers)
+        if not names:
+            raise ValueError("`layers` must name at least one module")
+        unknown = [name for name in names if name not in modules]
+        if unknown:
+            available = ", ".join(repr(name) for name in modules if name)
+            raise ValueError(f"unknown layer name(s) {unknown}; available modules: {available}")
+        self.layers = names
+        self.capture, self.pool, self.projection_dim, self.seed = capture, pool, projection_dim, seed
+        self._modules = {name: modules[name] for name in names}
+        self._rows: dict[str, list[Tensor]] = {name: [] for name in names}
+        self._projections: dict[str, Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> FeatureCapture:
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name, module)))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str, module: nn.Module):
+        channels_last = isinstance(module, nn.Linear)
+
+        def hook(_: nn.Module, args: tuple, output: Any) -> None:
+            value = (args[0] if args else None) if self.capture == "input" else output
+            if isinstance(value, (tuple, list)) and value:
+                value = value[0]
+            if not isinstance(value, Tensor) or value.dim() < 2:
+                raise TypeError(f"layer {name!r}: the captured {self.capture} is not a batched tensor")
+            self._rows[name].append(self._to_rows(name, value.detach(), channels_last))
+
+        return hook
+
+    def _to_rows(self, name: str, value: Tensor, channels_last: bool) -> Tensor:
+        value = value.to(torch.promote_types(value.dtype, torch.float32))
+        if value.dim() > 2:
+            if channels_last:
+                value = value.flatten(1, -2).mean(1) if self.pool == "avg" else value.flatten(1)
+            else:
+                value = value.flatten(2).mean(2) if self.pool == "avg" else value.flatten(1)
+        if self.projection_dim is not None and value.shape[1] > self.projection_dim:
+            value = value @ self._projection(name, value)
+        return value
+
+    def _projection(self, name: str, value: Tensor) -> Tensor:
+        if name not in self._projections:
+            generator = torch.Generator().manual_seed(self.seed)
+            matrix = torch.randn(value.shape[1], self.projection_dim, generator=generator) / self.projection_dim**0.5
+            self._projections[name] = matrix
+        return self._projections[name].to(value.device, value.dtype)
+
+    @property
+    def features(self) -> dict[str, Tensor]:
+        """Captured rows per layer name, concatenated over the forward calls."""
+        return {name: torch.cat(rows) for name, rows in self._rows.items() if rows}
+
+    def clear(self) -> None:
+        """Forget the captured rows (the projection matrices are kept)."""
+        for rows in self._rows.values():
+            rows.clear()

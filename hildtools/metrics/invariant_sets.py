@@ -1,0 +1,373 @@
+"""Invariant-set ("stochastic") collapse of neurons (Chen, Kunin, Yamamura & Ganguli 2023).
+
+A neuron of a Linear layer (an output unit) or of a convolution (an output channel) is described by
+one vector: its incoming weights and bias, with a directly following BatchNorm folded in (running
+statistics: ``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``),
+concatenated with its outgoing weights in the layer that consumes it (the consumer's weight column,
+the kernel slice of its input channel, or, through a flatten, the block of columns fed by the
+channel). With ``w_i`` these vectors:
+
+- neuron i is *vanishing* if ``||w_i|| / max_j ||w_j|| < vanish_threshold`` (sign-invariant set);
+- non-vanishing neurons i, j are *identical* if
+  ``2 ||w_i - w_j||^2 / (||w_i||^2 + ||w_j||^2) < identical_threshold`` (permutation-invariant set);
+- identical pairs are grouped into connected components (union-find); ``num_independent`` counts
+  the components among non-vanishing neurons and ``independent_fraction = num_independent / n``.
+
+The consumer is found with ``torch.fx.symbolic_trace`` through elementwise activations, dropout,
+pooling, BatchNorm and flatten. Layers whose output is used elsewhere (residual adds, concatenations,
+several consumers), the network output, shared modules and untraceable models are skipped, with the
+reason. Distances come from fp64 Gram blocks of ``chunk_size`` x ``chunk_size`` neurons (no TF32, memory
+O(chunk_size x vector length)).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_PER_NEURON_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Tanh,
+    nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+_IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+_PER_NEURON_FUNCTIONS = {
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.elu, F.celu, F.selu, F.tanh,
+    F.sigmoid, F.softplus, F.hardtanh, F.hardswish, F.hardsigmoid, F.logsigmoid,
+    torch.relu, torch.relu_, torch.tanh, torch.sigmoid,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+}  # fmt: skip
+_IDENTITY_METHODS = {"contiguous", "clone"}
+_PER_NEURON_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"}
+_SHAPE_METHODS = {"size", "dim"}
+_SHAPE_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
+_MERGES = (operator.add, operator.iadd, torch.add, torch.cat, "add", "add_")
+
+
+@dataclass
+class LayerInvariantSets:
+    """Collapse of one layer's neurons.
+
+    Attributes:
+        name: the layer's module name.
+        consumer: module name of the layer that consumes its output.
+        num_neurons: output units (Linear) or output channels (conv).
+        num_vanishing: neurons with ``||w_i|| / max ||w|| < vanish_threshold``.
+        group_sizes: sizes of the groups of identical neurons (size >= 2), largest first.
+        num_independent: groups plus singletons among the non-vanishing neurons.
+        nearest_distance: (num_neurons,) fp64 ``min_j 2||w_i - w_j||^2 / (||w_i||^2 + ||w_j||^2)``
+            over non-vanishing j != i; ``inf`` for vanishing neurons.
+    """
+
+    name: str
+    consumer: str
+    num_neurons: int
+    num_vanishing: int
+    group_sizes: list[int]
+    num_independent: int
+    nearest_distance: Tensor = field(repr=False)
+
+    @property
+    def independent_fraction(self) -> float:
+        """``num_independent / num_neurons`` (vanishing neurons count in the denominator only)."""
+        return self.num_independent / self.num_neurons
+
+    @property
+    def num_identical_groups(self) -> int:
+        """Number of groups of >= 2 identical neurons."""
+        return len(self.group_sizes)
+
+
+@dataclass
+class InvariantSetReport:
+    """Result of :func:`invariant_sets`: analysed layers and skipped layers with the reason."""
+
+    layers: dict[str, LayerInvariantSets]
+    skipped: dict[str, str]
+
+
+@dataclass
+class _Link:
+    consumer: str
+    batchnorm: nn.Module | None
+    flattened: bool
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRIBUTES
+
+
+def _flatten_dims(node: fx.Node) -> tuple[Any, Any]:
+    """(start_dim, end_dim) of a torch.flatten / Tensor.flatten call."""
+    args = node.args[1:]
+    start = args[0] if args else node.kwargs.get("start_dim", 0)
+    end = args[1] if len(args) > 1 else node.kwargs.get("end_dim", -1)
+    return start, end
+
+
+def _step_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """How a node treats each neuron: identity, per_neuron, batchnorm, flatten, producer or other."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if isinstance(module, _PRODUCERS):
+            return "producer"
+        if isinstance(module, _BATCHNORMS):
+            return "batchnorm"
+        if isinstance(module, nn.Flatten):
+            return "flatten" if (module.start_dim, module.end_dim) == (1, -1) else "other"
+        if isinstance(module, _IDENTITY_MODULES):
+            return "identity"
+        return "per_neuron" if isinstance(module, _PER_NEURON_MODULES) else "other"
+    if node.op == "call_function":
+        if node.target is torch.flatten:
+            return "flatten" if _flatten_dims(node) == (1, -1) else "other"
+        if node.target in _IDENTITY_FUNCTIONS:
+            return "identity"
+        return "per_neuron" if node.target in _PER_NEURON_FUNCTIONS else "other"
+    if node.op == "call_method":
+        if node.target == "flatten":
+            return "flatten" if _flatten_dims(node) == (1, -1) else "other"
+        if node.target in ("view", "reshape"):
+            shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            return "flatten" if len(shape) == 2 else "other"
+        if node.target in _IDENTITY_METHODS:
+            return "identity"
+        return "per_neuron" if node.target in _PER_NEURON_METHODS else "other"
+    return "other"
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} '{node.target}'"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}"
+
+
+def _follow(node: fx.Node, modules: dict[str, nn.Module]) -> _Link | str:
+    """The layer consuming ``node``'s neurons, or the reason there is no unambiguous one."""
+    batchnorm, flattened, untouched, current = None, False, True, node
+    while True:
+        users = [user for user in current.users if not _is_shape_query(user)]
+        if not users:
+            return "output unused"
+        if len(users) > 1:
+            names = ", ".join(_describe(user, modules) for user in users)
+            return f"output feeds several nodes ({names}), e.g. a residual branch"
+        user = users[0]
+        if user.op == "output":
+            return "no consumer: its output is the network output"
+        kind = _step_kind(user, modules)
+        if kind == "other" or not user.args or user.args[0] is not current:
+            suffix = " (e.g. a residual add or a concatenation)" if user.target in _MERGES else ""
+            return f"output reaches {_describe(user, modules)}{suffix}"
+        if kind == "producer":
+            return _Link(user.target, batchnorm, flattened)
+        if kind == "batchnorm":
+            if not untouched:
+                return f"{_describe(user, modules)} follows a nonlinearity, pooling or flatten: cannot be folded"
+            if modules[user.target].running_var is None:
+                return f"{_describe(user, modules)} has no running statistics: cannot be folded"
+            batchnorm = modules[user.target]
+        flattened = flattened or kind == "flatten"
+        untouched = untouched and kind == "identity"
+        current = user
+
+
+def batchnorm_affine(batchnorm: nn.Module) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) of a BatchNorm in eval mode: ``bn(y) = scale * y + shift``.
+
+    Folding it into the preceding layer: ``w' = w * scale``, ``b' = b * scale + shift``.
+    """
+    scale = torch.rsqrt(batchnorm.running_var.detach().double() + batchnorm.eps)
+    shift = -batchnorm.running_mean.detach().double() * scale
+    if batchnorm.affine:
+        gamma, beta = batchnorm.weight.detach().double(), batchnorm.bias.detach().double()
+        scale, shift = scale * gamma, shift * gamma + beta
+    return scale, shift
+
+
+class _NeuronVectors:
+    """Rows ``[w_in (BN folded), b, w_out]`` of a layer's neurons, materialised a chunk at a time."""
+
+    def __init__(self, producer: nn.Module, consumer: nn.Module, link: _Link) -> None:
+        self.num = producer.weight.shape[0]
+        self.incoming = producer.weight.detach().flatten(1)
+        self.bias = producer.bias.detach() if producer.bias is not None else None
+        self.affine = batchnorm_affine(link.batchnorm) if link.batchnorm is not None else None
+        weight = consumer.weight.detach()
+        self.outgoing = weight.view(weight.shape[0], self.num, -1)  # (out, n, block)
+        self.width = self.incoming.shape[1] + 1 + self.outgoing.shape[0] * self.outgoing.shape[2]
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        fan_in = self.incoming.shape[1]
+        rows = self.incoming.new_zeros(stop - start, self.width, dtype=torch.float64)
+        rows[:, :fan_in] = self.incoming[start:stop]
+        if self.bias is not None:
+            rows[:, fan_in] = self.bias[start:stop]
+        if self.affine is not None:
+            scale, shift = (t[start:stop] for t in self.affine)
+            rows[:, : fan_in + 1] *= scale[:, None]
+            rows[:, fan_in] += shift
+        out = self.outgoing[:, start:stop]
+        rows[:, fan_in + 1 :].view(stop - start, out.shape[0], out.shape[2]).copy_(out.transpose(0, 1))
+        return rows
+
+
+def _check_link(producer: nn.Module, consumer: nn.Module, link: _Link) -> str | None:
+    """Reason the producer/consumer pair cannot be analysed, or None."""
+    n = producer.weight.shape[0]
+    if isinstance(consumer, nn.Linear):
+        if isinstance(producer, nn.Linear):
+            if link.flattened:
+                return "flatten after a Linear layer: neuron layout unknown"
+            return None if consumer.in_features == n else f"consumer '{link.consumer}' does not read {n} features"
+        if not link.flattened:
+            return f"consumer '{link.consumer}' is a Linear applied to conv maps without a flatten"
+        return None if consumer.in_features % n == 0 else f"consumer '{link.consumer}' in_features not a multiple of {n}"
+    if isinstance(producer, nn.Linear) or link.flattened:
+        return f"consumer '{link.consumer}' is a convolution fed by a Linear or flattened output"
+    if consumer.groups != 1 or consumer.in_channels != n:
+        return f"consumer '{link.consumer}' is a grouped convolution or does not read {n} channels"
+    return None
+
+
+def _find_roots(parent: Tensor) -> Tensor:
+    """Flatten the union-find forest in place (pointer jumping) and return it."""
+    while True:
+        grand = parent[parent]
+        if torch.equal(grand, parent):
+            return parent
+        parent.copy_(grand)
+
+
+def _union(parent: Tensor, first: Tensor, second: Tensor) -> None:
+    """Merge the sets of each pair (first[k], second[k]); roots are the smallest member."""
+    while first.numel():
+        roots = _find_roots(parent)
+        root_a, root_b = roots[first], roots[second]
+        differ = root_a != root_b
+        first, second, root_a, root_b = first[differ], second[differ], root_a[differ], root_b[differ]
+        parent.scatter_reduce_(0, torch.maximum(root_a, root_b), torch.minimum(root_a, root_b), reduce="amin")
+
+
+def _analyse(vectors: _NeuronVectors, vanish_threshold: float, identical_threshold: float, chunk_size: int):
+    n = vectors.num
+    chunks = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    sq_norms = torch.cat([vectors.rows(start, stop).square().sum(1) for start, stop in chunks])
+    norms = sq_norms.sqrt()
+    vanishing = norms < vanish_threshold * norms.max() if norms.max() > 0 else torch.ones_like(norms, dtype=torch.bool)
+    parent = torch.arange(n, device=sq_norms.device)
+    nearest = torch.full((n,), float("inf"), dtype=torch.float64, device=sq_norms.device)
+    for i, (start_i, stop_i) in enumerate(chunks):
+        rows_i = vectors.rows(start_i, stop_i)
+        for start_j, stop_j in chunks[i:]:
+            rows_j = rows_i if start_j == start_i else vectors.rows(start_j, stop_j)
+            total = sq_norms[start_i:stop_i, None] + sq_norms[None, start_j:stop_j]
+            distance = (2 * (total - 2 * rows_i @ rows_j.T) / total).clamp_min(0)
+            valid = ~vanishing[start_i:stop_i, None] & ~vanishing[None, start_j:stop_j]
+            if start_j == start_i:
+                valid &= ~torch.eye(stop_i - start_i, dtype=torch.bool, device=valid.device)
+            distance = distance.masked_fill(~valid, float("inf"))
+            nearest[start_i:stop_i] = torch.minimum(nearest[start_i:stop_i], distance.min(1).values)
+            nearest[start_j:stop_j] = torch.minimum(nearest[start_j:stop_j], distance.min(0).values)
+            pairs = (distance < identical_threshold).nonzero()
+            _union(parent, pairs[:, 0] + start_i, pairs[:, 1] + start_j)
+    roots = _find_roots(parent)[~vanishing]
+    sizes = torch.bincount(roots, minlength=n)
+    group_sizes = sorted((int(s) for s in sizes[sizes >= 2]), reverse=True)
+    return int(vanishing.sum()), group_sizes, int((sizes > 0).sum()), nearest
+
+
+def _check_threshold(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive float, got {value!r}")
+
+
+@torch.no_grad()
+def invariant_sets(
+    model: nn.Module,
+    vanish_threshold: float = 0.1,
+    identical_threshold: float = 0.1,
+    chunk_size: int = 256,
+) -> InvariantSetReport:
+    """Vanishing and identical neurons of every Linear/Conv layer with a known consumer.
+
+    Data-free (weights only). Definitions, the consumer search and BatchNorm folding are described
+    in the module docstring; thresholds default to the paper's 0.1 and 0.1.
+
+    Args:
+        model: the (unwrapped) model; traced with ``torch.fx.symbolic_trace``.
+        vanish_threshold: relative norm below which a neuron is vanishing, > 0.
+        identical_threshold: normalised squared distance below which two neurons are identical, > 0.
+        chunk_size: neurons per Gram block; memory ~ 2 * chunk_size * vector length * 8 bytes.
+
+    Returns:
+        :class:`InvariantSetReport` with per-layer :class:`LayerInvariantSets` and skipped layers.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
+        ValueError: for non-positive thresholds or ``chunk_size``.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+        >>> with torch.no_grad():
+        ...     mlp[0].weight[1] = mlp[0].weight[0]; mlp[0].bias[1] = mlp[0].bias[0]
+        ...     mlp[2].weight[:, 1] = mlp[2].weight[:, 0]
+        >>> layer = invariant_sets(mlp).layers["0"]
+        >>> layer.group_sizes, layer.num_independent, layer.independent_fraction
+        ([2], 15, 0.9375)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    _check_threshold("vanish_threshold", vanish_threshold)
+    _check_threshold("identical_threshold", identical_threshold)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
+
+    modules = dict(model.named_modules())
+    producers = [name for name, module in modules.items() if isinstance(module, _PRODUCERS)]
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: no graph, skip everything
+        reason = f"torch.fx could not trace the model ({type(error).__name__}: {error})"
+        return InvariantSetReport({}, {name: reason for name in producers})
+
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    layers, skipped = {}, {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], _PRODUCERS) or node.target in skipped:
+            continue
+        name = node.target
+        link = _follow(node, modules) if calls[name] == 1 else "called more than once per forward (shared module)"
+        if isinstance(link, _Link):
+            link = _check_link(modules[name], modules[link.consumer], link) or link
+        if isinstance(link, str):
+            skipped[name] = link
+            continue
+        vectors = _NeuronVectors(modules[name], modules[link.consumer], link)
+        num_vanishing, group_sizes, num_independent, nearest = _analyse(
+            vectors, vanish_threshold, identical_threshold, chunk_size
+        )
+        layers[name] = LayerInvariantSets(
+            name, link.consumer, vectors.num, num_vanishing, group_sizes, num_independent, nearest
+        )
+    for name in producers:
+        if name not in layers and name not in skipped:
+            skipped[name] = "not called as a module in the traced graph (e.g. inside a leaf module)"
+    return InvariantSetReport(layers, skipped)
