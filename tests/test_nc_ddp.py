@@ -1,15 +1,11 @@
 """NeuralCollapse and FeatureRank under 2-process DDP (gloo, CPU) equal the single-process values."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from ddp_utils import run_ranks
 from hildtools.metrics import FeatureRank, NeuralCollapse, feature_rank, neural_collapse
-
-WORLD_SIZE = 2
 
 
 def data():
@@ -21,36 +17,27 @@ def data():
     return features, labels, weight, predictions
 
 
-def worker(rank, directory):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=WORLD_SIZE)
-    try:
-        features, labels, weight, predictions = data()
-        shard = slice(rank * 70, None if rank else 70)  # uneven shards
-        collapse = NeuralCollapse(4, classifier_weight=weight)
-        for _ in range(2):
-            for chunk in torch.arange(len(labels))[shard].split(16):
-                collapse.update(features[chunk], labels[chunk], predictions=predictions[chunk])
-            if "nc1" not in collapse.compute():
-                collapse.start_second_pass()
-        ranks = [FeatureRank(center="column"), FeatureRank(center="column", num_features=16)]
-        for metric in ranks:
-            metric.update(features[shard])
-        result = {"nc": collapse.compute(), "rank": [metric.compute() for metric in ranks]}
-        torch.save(result, f"{directory}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def measure_on_shard(rank, world_size):
+    features, labels, weight, predictions = data()
+    shard = slice(0, 70) if rank == 0 else slice(70, None)  # uneven shards
+    collapse = NeuralCollapse(4, classifier_weight=weight)
+    for _ in range(2):
+        for chunk in torch.arange(len(labels))[shard].split(16):
+            collapse.update(features[chunk], labels[chunk], predictions=predictions[chunk])
+        if "nc1" not in collapse.compute():
+            collapse.start_second_pass()
+    ranks = [FeatureRank(center="column"), FeatureRank(center="column", num_features=16)]
+    for metric in ranks:
+        metric.update(features[shard])
+    return {"nc": collapse.compute(), "rank": [metric.compute() for metric in ranks]}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_two_process_ddp_equals_single_process(tmp_path):
-    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD_SIZE, join=True)
+def test_two_process_ddp_equals_single_process():
     features, labels, weight, predictions = data()
     expected_nc = neural_collapse(features, labels, 4, classifier_weight=weight, predictions=predictions)
     expected_rank = feature_rank(features, center="column")
-    for rank in range(WORLD_SIZE):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+    for result in run_ranks(measure_on_shard, world_size=2):
         assert set(result["nc"]) == set(expected_nc)
         for key, value in expected_nc.items():
             torch.testing.assert_close(result["nc"][key], value, rtol=1e-6, atol=1e-9, msg=key)

@@ -1,1 +1,5 @@
 """Lightning callbacks: schedule + probe + metric + log."""
+
+from hildtools.callbacks.feature_rank import FeatureRankMonitor
+from hildtools.callbacks.invariant_sets import InvariantSetMonitor
+from hildtools.callbacks.neural_collapse import NeuralCollapseMonitor

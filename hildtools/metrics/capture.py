@@ -12,6 +12,18 @@ _CAPTURES = ("input", "output")
 _POOLS = ("avg", "flatten")
 
 
+def check_capture_args(capture: Any, pool: Any, projection_dim: Any) -> None:
+    """Raise ValueError for a ``capture``, ``pool`` or ``projection_dim`` outside the accepted values."""
+    if capture not in _CAPTURES:
+        raise ValueError(f"`capture` must be one of {_CAPTURES}, got {capture!r}")
+    if pool not in _POOLS:
+        raise ValueError(f"`pool` must be one of {_POOLS}, got {pool!r}")
+    if projection_dim is not None and (
+        isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1
+    ):
+        raise ValueError(f"`projection_dim` must be None or a positive integer, got {projection_dim!r}")
+
+
 def default_layer(model: nn.Module) -> str:
     """Name of the last ``nn.Linear`` in ``model.named_modules()`` order (usually the classifier)."""
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -67,12 +79,7 @@ class FeatureCapture:
         projection_dim: int | None = None,
         seed: int = 0,
     ) -> None:
-        if capture not in _CAPTURES:
-            raise ValueError(f"`capture` must be one of {_CAPTURES}, got {capture!r}")
-        if pool not in _POOLS:
-            raise ValueError(f"`pool` must be one of {_POOLS}, got {pool!r}")
-        if projection_dim is not None and (not isinstance(projection_dim, int) or projection_dim < 1):
-            raise ValueError(f"`projection_dim` must be None or a positive integer, got {projection_dim!r}")
+        check_capture_args(capture, pool, projection_dim)
         modules = dict(model.named_modules())
         names = [default_layer(model)] if layers is None else [layers] if isinstance(layers, str) else list(layers)
         if not names:

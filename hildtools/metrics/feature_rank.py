@@ -31,7 +31,8 @@ _CENTERINGS = ("row", "column", None)
 _CHUNK = 1024
 
 
-def _check_args(threshold: Any, center: Any) -> None:
+def check_rank_args(threshold: Any, center: Any) -> None:
+    """Raise ValueError for a ``threshold`` outside (0, 1) or an unknown ``center``."""
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold < 1:
         raise ValueError(f"`threshold` must be a float in (0, 1), got {threshold!r}")
     if center not in _CENTERINGS:
@@ -113,7 +114,7 @@ def feature_rank(features: Tensor, threshold: float = 0.99, center: str | None =
         >>> {k: v.item() for k, v in feature_rank(x, center=None).items()}
         {'pca_rank': 4.0, 'effective_rank': 4.0, 'stable_rank': 4.0}
     """
-    _check_args(threshold, center)
+    check_rank_args(threshold, center)
     _check_features(features)
     nonfinite = int((~torch.isfinite(features).all(dim=1)).sum())
     if nonfinite:
@@ -133,6 +134,7 @@ class FeatureRank(Metric):
       ``sum x x^T - N xbar xbar^T`` in fp64. Best when N > D.
 
     Rows with NaN/inf features are skipped and make ``compute`` return ``{}`` with a warning.
+    After ``compute``, ``spectrum`` holds the squared singular values (descending, fp64).
 
     Args:
         threshold: energy fraction in (0, 1) for ``pca_rank``.
@@ -160,10 +162,11 @@ class FeatureRank(Metric):
         self, threshold: float = 0.99, center: str | None = "row", num_features: int | None = None, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        _check_args(threshold, center)
+        check_rank_args(threshold, center)
         if num_features is not None and (not isinstance(num_features, int) or num_features < 1):
             raise ValueError(f"`num_features` must be None or a positive integer, got {num_features!r}")
         self.threshold, self.center, self.num_features = threshold, center, num_features
+        self.spectrum: Tensor | None = None
         if num_features is None:
             self.add_state("features", [], dist_reduce_fx="cat")
         else:
@@ -194,9 +197,11 @@ class FeatureRank(Metric):
         if self.nonfinite > 0:
             return _warn_nonfinite(int(self.nonfinite))
         if self.num_features is None:
-            return _rank_measures(_gram_spectrum(dim_zero_cat(self.features), self.center), self.threshold)
-        moment = self.second_moment
-        if self.center == "column":
-            mean = self.feature_sum / self.count.clamp_min(1)
-            moment = moment - self.count * torch.outer(mean, mean)
-        return _rank_measures(_spectrum(moment), self.threshold)
+            self.spectrum = _gram_spectrum(dim_zero_cat(self.features), self.center)
+        else:
+            moment = self.second_moment
+            if self.center == "column":
+                mean = self.feature_sum / self.count.clamp_min(1)
+                moment = moment - self.count * torch.outer(mean, mean)
+            self.spectrum = _spectrum(moment)
+        return _rank_measures(self.spectrum, self.threshold)

@@ -293,9 +293,13 @@ def _analyse(vectors: _NeuronVectors, vanish_threshold: float, identical_thresho
     return int(vanishing.sum()), group_sizes, int((sizes > 0).sum()), nearest
 
 
-def _check_threshold(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive float, got {value!r}")
+def check_invariant_set_args(vanish_threshold: Any, identical_threshold: Any, chunk_size: Any) -> None:
+    """Raise ValueError for non-positive thresholds or ``chunk_size``."""
+    for name, value in (("vanish_threshold", vanish_threshold), ("identical_threshold", identical_threshold)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"`{name}` must be a positive float, got {value!r}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
 
 
 @torch.no_grad()
@@ -335,10 +339,7 @@ def invariant_sets(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    _check_threshold("vanish_threshold", vanish_threshold)
-    _check_threshold("identical_threshold", identical_threshold)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
+    check_invariant_set_args(vanish_threshold, identical_threshold, chunk_size)
 
     modules = dict(model.named_modules())
     producers = [name for name, module in modules.items() if isinstance(module, _PRODUCERS)]

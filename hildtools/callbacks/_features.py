@@ -1,0 +1,89 @@
+"""Shared part of the monitors that measure the features of named layers on the probe set."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+
+from hildtools.callbacks._monitor import Monitor, SkipMeasurement
+from hildtools.distributed import all_finite
+from hildtools.metrics.capture import FeatureCapture, check_capture_args
+from hildtools.probe import batch_size as num_examples
+from hildtools.probe import map_tensors, unwrap
+
+
+def wants_figures(figures: bool | None, trainer: pl.Trainer) -> bool:
+    """``figures=None``: pictures only when a W&B logger is attached; True/False: always/never."""
+    if figures is None:
+        return any(isinstance(logger, WandbLogger) for logger in trainer.loggers)
+    return figures
+
+
+def check_figures(figures: Any) -> None:
+    if figures not in (None, True, False):
+        raise ValueError(f"figures must be None (only with W&B), True or False, got {figures!r}")
+
+
+class FeatureMonitor(Monitor):
+    """A :class:`Monitor` that runs the model on the probe inputs and captures named layers' features.
+
+    Args:
+        layers: module names (relative to the LightningModule), or ``None`` for the last ``nn.Linear``.
+        capture, pool, projection_dim: see :class:`hildtools.metrics.FeatureCapture`.
+        batch_size: probe examples per forward pass (bounds activation memory), >= 1.
+        figures: ``None`` (pictures only with a W&B logger), ``True`` (also PNG files) or ``False``.
+        **kwargs: the shared :class:`Monitor` arguments.
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: str | Sequence[str] | None = None,
+        capture: str = "input",
+        pool: str = "avg",
+        projection_dim: int | None = None,
+        batch_size: int = 256,
+        figures: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_capture_args(capture, pool, projection_dim)
+        check_figures(figures)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.layers = [layers] if isinstance(layers, str) else layers
+        self.capture, self.pool, self.projection_dim = capture, pool, projection_dim
+        self.batch_size = batch_size
+        self.figures = figures
+
+    def feature_capture(self, module: torch.nn.Module) -> FeatureCapture:
+        return FeatureCapture(module, self.layers, self.capture, self.pool, self.projection_dim)
+
+    def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.feature_capture(unwrap(pl_module))  # unknown layer names fail here, before training
+
+    def probe_features(self, module: torch.nn.Module, batch: Any) -> tuple[FeatureCapture, Any, Tensor | None]:
+        """Forward the probe inputs in chunks; returns the capture, the targets and the stacked outputs.
+
+        Raises :class:`SkipMeasurement` when a captured feature is NaN/inf on any rank.
+        """
+        inputs, targets = self.probe.unpack(batch)
+        outputs = []
+        with self.feature_capture(module) as capture, torch.no_grad():
+            for start in range(0, num_examples(inputs), self.batch_size):
+                chunk = map_tensors(lambda t: t[start : start + self.batch_size], inputs)
+                outputs.append(module(**chunk) if isinstance(chunk, Mapping) else module(chunk))
+        missing = [name for name in capture.layers if name not in capture.features]
+        if missing:
+            raise ValueError(f"{type(self).__name__}: layers {missing} were not called by the model's forward")
+        for name, features in capture.features.items():
+            if not all_finite(features):
+                raise SkipMeasurement(f"features of layer {name!r} contain NaN/inf")
+        stacked = torch.cat(outputs) if all(isinstance(out, Tensor) for out in outputs) else None
+        return capture, targets, stacked
+
