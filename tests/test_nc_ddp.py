@@ -20,7 +20,7 @@ def data():
 def measure_on_shard(rank, world_size):
     features, labels, weight, predictions = data()
     shard = slice(0, 70) if rank == 0 else slice(70, None)  # uneven shards
-    collapse = NeuralCollapse(4, classifier_weight=weight)
+    collapse = NeuralCollapse(4, 16, classifier_weight=weight)
     for _ in range(2):
         for chunk in torch.arange(len(labels))[shard].split(16):
             collapse.update(features[chunk], labels[chunk], predictions=predictions[chunk])

@@ -118,7 +118,7 @@ def test_streaming_in_shuffled_batches_equals_one_shot():
     weight = torch.randn(6, 20, dtype=torch.float64)
     predictions = (features @ weight.T).argmax(1)
     one_shot = neural_collapse(features, labels, 6, classifier_weight=weight, predictions=predictions)
-    metric = NeuralCollapse(6, classifier_weight=weight)
+    metric = NeuralCollapse(6, 20, classifier_weight=weight)
     generator = torch.Generator().manual_seed(0)
     for _ in range(2):
         order = torch.randperm(len(labels), generator=generator)
@@ -133,9 +133,19 @@ def test_streaming_in_shuffled_batches_equals_one_shot():
     assert "nc1" not in metric.compute() and "nc4" not in metric.compute()
 
 
+def test_forward_accumulates_like_update():
+    features, labels = planted(seed=6)
+    metric = NeuralCollapse(6, 20)
+    for chunk in torch.arange(len(labels)).split(100):
+        batch_value = metric(features[chunk], labels[chunk])
+        assert set(batch_value) >= {"nc2_equinorm", "cdnv"}
+    expected = {k: v for k, v in dense_reference(features, labels).items() if k != "nc1"}
+    assert_close_dicts(metric.compute(), expected)
+
+
 def test_one_pass_reports_what_needs_no_second_pass():
     features, labels = planted(seed=8)
-    metric = NeuralCollapse(6)
+    metric = NeuralCollapse(6, 20)
     metric.update(features, labels)
     result = metric.compute()
     assert "nc1" not in result and "nc4" not in result
@@ -168,7 +178,7 @@ def test_nonfinite_features_skip_the_measurement():
     features[3, 2] = float("nan")
     with pytest.warns(UserWarning, match="NaN/inf"):
         assert neural_collapse(features, labels, 6) == {}
-    metric = NeuralCollapse(6)
+    metric = NeuralCollapse(6, 20)
     metric.update(features, labels)
     with pytest.warns(UserWarning, match="NaN/inf"):
         assert metric.compute() == {}
@@ -177,10 +187,11 @@ def test_nonfinite_features_skip_the_measurement():
 @pytest.mark.parametrize(
     "kwargs, error",
     [
-        ({"num_classes": 1}, "num_classes"),
-        ({"num_classes": 2.0}, "num_classes"),
-        ({"num_classes": 3, "rtol": 0.0}, "rtol"),
-        ({"num_classes": 3, "classifier_weight": torch.zeros(2, 4)}, "classifier_weight"),
+        ({"num_classes": 1, "num_features": 4}, "num_classes"),
+        ({"num_classes": 2.0, "num_features": 4}, "num_classes"),
+        ({"num_classes": 3, "num_features": 0}, "num_features"),
+        ({"num_classes": 3, "num_features": 4, "rtol": 0.0}, "rtol"),
+        ({"num_classes": 3, "num_features": 4, "classifier_weight": torch.zeros(2, 4)}, "classifier_weight"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error):
@@ -189,7 +200,7 @@ def test_bad_constructor_arguments(kwargs, error):
 
 
 def test_bad_inputs():
-    metric = NeuralCollapse(3)
+    metric = NeuralCollapse(3, 2)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         metric.update(torch.randn(4, 2), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
@@ -200,5 +211,7 @@ def test_bad_inputs():
         metric.update(torch.randn(4), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="predictions"):
         metric.update(torch.randn(4, 2), torch.zeros(4, dtype=torch.long), predictions=torch.zeros(3))
+    with pytest.raises(ValueError, match="2 columns"):
+        metric.update(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="classifier_weight"):
         neural_collapse(torch.randn(6, 2), torch.tensor([0, 1, 2] * 2), 3, classifier_weight=torch.zeros(3, 5))

@@ -86,7 +86,7 @@ class NeuralCollapseMonitor(FeatureMonitor):
         metrics = {}
         for name, features in capture.features.items():
             weight = self.classifier_weight(module, name)
-            collapse = NeuralCollapse(self.num_classes, classifier_weight=weight).to(features.device)
+            collapse = NeuralCollapse(self.num_classes, features.shape[1], weight).to(features.device)
             collapse.update(features, labels, predictions)
             collapse.start_second_pass()
             collapse.update(features, labels, predictions)

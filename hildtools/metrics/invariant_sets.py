@@ -268,8 +268,8 @@ def _union(parent: Tensor, first: Tensor, second: Tensor) -> None:
 def _analyse(vectors: _NeuronVectors, vanish_threshold: float, identical_threshold: float, chunk_size: int):
     n = vectors.num
     chunks = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
-    sq_norms = torch.cat([vectors.rows(start, stop).square().sum(1) for start, stop in chunks])
-    norms = sq_norms.sqrt()
+    norms = torch.cat([torch.linalg.vector_norm(vectors.rows(start, stop), dim=1) for start, stop in chunks])
+    sq_norms = norms.square()
     vanishing = norms < vanish_threshold * norms.max() if norms.max() > 0 else torch.ones_like(norms, dtype=torch.bool)
     parent = torch.arange(n, device=sq_norms.device)
     nearest = torch.full((n,), float("inf"), dtype=torch.float64, device=sq_norms.device)

@@ -107,9 +107,9 @@ def _neural_collapse_update(
         ``mismatches`` and ``predicted`` (NCC vs prediction disagreements, rows compared) and
         ``nonfinite`` (rows skipped).
     """
+    finite = torch.isfinite(features.detach()).all(dim=1)
     h = features.detach().to(torch.float64)
     labels = labels.to(h.device, torch.long)
-    finite = torch.isfinite(h).all(dim=1)
     shift = reference.means[labels] if reference is not None else torch.zeros_like(h)
     diff = torch.where(finite[:, None], h - shift, 0.0)
     weight = finite.to(torch.float64)
@@ -299,6 +299,7 @@ class NeuralCollapse(Metric):
 
     Args:
         num_classes: number of classes C (>= 2).
+        num_features: feature dimension D (>= 1).
         classifier_weight: optional (C, D) classifier weight (kept by reference, so a live
             ``model.fc.weight`` is read at ``compute`` time).
         rtol: relative eigenvalue cut-off of the pseudo-inverse of Sigma_B.
@@ -311,7 +312,7 @@ class NeuralCollapse(Metric):
     Example:
         >>> from hildtools.metrics import NeuralCollapse
         >>> features, labels = torch.eye(3).repeat(4, 1), torch.arange(3).repeat(4)
-        >>> metric = NeuralCollapse(num_classes=3)
+        >>> metric = NeuralCollapse(num_classes=3, num_features=3)
         >>> metric.update(features, labels)
         >>> metric.start_second_pass()
         >>> metric.update(features, labels, predictions=labels)
@@ -334,6 +335,7 @@ class NeuralCollapse(Metric):
     def __init__(
         self,
         num_classes: int,
+        num_features: int,
         classifier_weight: Tensor | None = None,
         rtol: float = 1e-10,
         validate_args: bool = True,
@@ -342,34 +344,34 @@ class NeuralCollapse(Metric):
         super().__init__(**kwargs)
         _check_num_classes(num_classes)
         _check_rtol(rtol)
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"`num_features` must be a positive integer, got {num_features!r}")
         if classifier_weight is not None and (
-            not isinstance(classifier_weight, Tensor) or classifier_weight.dim() != 2 or len(classifier_weight) != num_classes
+            not isinstance(classifier_weight, Tensor) or classifier_weight.shape != (num_classes, num_features)
         ):
-            raise ValueError(f"`classifier_weight` must be a ({num_classes}, D) tensor")
-        self.num_classes = num_classes
+            raise ValueError(f"`classifier_weight` must be a ({num_classes}, {num_features}) tensor")
+        self.num_classes, self.num_features = num_classes, num_features
         self.classifier_weight = classifier_weight.detach() if classifier_weight is not None else None
         self.rtol = rtol
         self.validate_args = validate_args
         c = num_classes
-        zeros = {"counts": (c,), "sums": (c, 0), "squares": (c,), "scatter": (c, c)}
+        zeros = {"counts": (c,), "sums": (c, num_features), "squares": (c,), "scatter": (c, c)}
         zeros.update(mismatches=(), predicted=(), nonfinite=())
         for name in _STAT_NAMES:
             self.add_state(name, torch.zeros(zeros[name], dtype=torch.float64), dist_reduce_fx="sum")
-        self.register_buffer("reference_means", torch.zeros(c, 0, dtype=torch.float64), persistent=False)
+        self.register_buffer("reference_means", torch.zeros(c, num_features, dtype=torch.float64), persistent=False)
         self.register_buffer("reference_present", torch.zeros(c, dtype=torch.bool), persistent=False)
 
     def _reference(self) -> _Reference | None:
-        if self.reference_means.shape[1] == 0:
+        if not bool(self.reference_present.any()):
             return None
         return _make_reference(self.reference_means.to(torch.float64), self.reference_present)
 
     def update(self, features: Tensor, labels: Tensor, predictions: Tensor | None = None) -> None:
         """Accumulate a batch of (N, D) features with (N,) labels and optional model predictions."""
         _check_inputs(features, labels, self.num_classes, predictions, self.validate_args)
-        if self.sums.shape[1] == 0:
-            self.sums = self.sums.new_zeros(self.num_classes, features.shape[1])
-        if features.shape[1] != self.sums.shape[1]:
-            raise ValueError(f"`features` must have {self.sums.shape[1]} columns, got {features.shape[1]}")
+        if features.shape[1] != self.num_features:
+            raise ValueError(f"`features` must have {self.num_features} columns, got {features.shape[1]}")
         batch = _neural_collapse_update(features, labels, self.num_classes, self._reference(), predictions)
         for name in _STAT_NAMES:
             setattr(self, name, getattr(self, name) + batch[name])
