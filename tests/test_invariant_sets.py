@@ -186,6 +186,8 @@ class DataDependent(nn.Module):
 
 def test_unfoldable_and_untraceable_models_are_reported():
     assert "cannot be folded" in invariant_sets(BatchNormAfterActivation()).skipped["fc1"]
+    pooled = nn.Sequential(nn.Linear(3, 8), nn.MaxPool1d(2), nn.Linear(4, 2))
+    assert "pools over its neurons" in invariant_sets(pooled).skipped["0"]
     report = invariant_sets(DataDependent())
     assert report.layers == {} and set(report.skipped) == {"fc1", "fc2"}
     assert "torch.fx could not trace" in report.skipped["fc1"]

@@ -14,7 +14,7 @@ channel). With ``w_i`` these vectors:
   the components among non-vanishing neurons and ``independent_fraction = num_independent / n``.
 
 The consumer is found with ``torch.fx.symbolic_trace`` through elementwise activations, dropout,
-pooling, BatchNorm and flatten. Layers whose output is used elsewhere (residual adds, concatenations,
+pooling (after convolutions), BatchNorm and flatten. Layers whose output is used elsewhere (residual adds, concatenations,
 several consumers), the network output, shared modules and untraceable models are skipped, with the
 reason. Distances come from fp64 Gram blocks of ``chunk_size`` x ``chunk_size`` neurons (no TF32, memory
 O(chunk_size x vector length)).
@@ -37,6 +37,8 @@ _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dro
 _PER_NEURON_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.Tanh,
     nn.Sigmoid, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid,
+)  # fmt: skip
+_POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -46,6 +48,8 @@ _PER_NEURON_FUNCTIONS = {
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.elu, F.celu, F.selu, F.tanh,
     F.sigmoid, F.softplus, F.hardtanh, F.hardswish, F.hardsigmoid, F.logsigmoid,
     torch.relu, torch.relu_, torch.tanh, torch.sigmoid,
+}  # fmt: skip
+_POOL_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
@@ -121,7 +125,7 @@ def _flatten_dims(node: fx.Node) -> tuple[Any, Any]:
 
 
 def _step_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    """How a node treats each neuron: identity, per_neuron, batchnorm, flatten, producer or other."""
+    """How a node treats each neuron: identity, per_neuron, pool, batchnorm, flatten, producer or other."""
     if node.op == "call_module":
         module = modules[node.target]
         if isinstance(module, _PRODUCERS):
@@ -132,12 +136,16 @@ def _step_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return "flatten" if (module.start_dim, module.end_dim) == (1, -1) else "other"
         if isinstance(module, _IDENTITY_MODULES):
             return "identity"
+        if isinstance(module, _POOL_MODULES):
+            return "pool"
         return "per_neuron" if isinstance(module, _PER_NEURON_MODULES) else "other"
     if node.op == "call_function":
         if node.target is torch.flatten:
             return "flatten" if _flatten_dims(node) == (1, -1) else "other"
         if node.target in _IDENTITY_FUNCTIONS:
             return "identity"
+        if node.target in _POOL_FUNCTIONS:
+            return "pool"
         return "per_neuron" if node.target in _PER_NEURON_FUNCTIONS else "other"
     if node.op == "call_method":
         if node.target == "flatten":
@@ -177,6 +185,8 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module]) -> _Link | str:
             return f"output reaches {_describe(user, modules)}{suffix}"
         if kind == "producer":
             return _Link(user.target, batchnorm, flattened)
+        if kind == "pool" and isinstance(modules[node.target], nn.Linear):
+            return f"{_describe(user, modules)} after a Linear layer pools over its neurons"
         if kind == "batchnorm":
             if not untouched:
                 return f"{_describe(user, modules)} follows a nonlinearity, pooling or flatten: cannot be folded"
@@ -210,7 +220,7 @@ class _NeuronVectors:
         self.bias = producer.bias.detach() if producer.bias is not None else None
         self.affine = batchnorm_affine(link.batchnorm) if link.batchnorm is not None else None
         weight = consumer.weight.detach()
-        self.outgoing = weight.view(weight.shape[0], self.num, -1)  # (out, n, block)
+        self.outgoing = weight.reshape(weight.shape[0], self.num, -1)  # (out, n, block)
         self.width = self.incoming.shape[1] + 1 + self.outgoing.shape[0] * self.outgoing.shape[2]
 
     def rows(self, start: int, stop: int) -> Tensor:

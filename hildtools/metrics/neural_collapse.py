@@ -202,11 +202,12 @@ def _neural_collapse_compute(
     counts = stats["counts"][present]
     means = means[present]
     centred = means - means.mean(0)
-    norms = centred.norm(dim=1)
-    cosines = _pairs((centred @ centred.T) / (norms[:, None] * norms[None, :]).clamp_min(_TINY))
+    gram = centred @ centred.T
+    norms = gram.diagonal().sqrt()
+    cosines = _pairs(gram / (norms[:, None] * norms[None, :]).clamp_min(_TINY))
+    mean_distances = _pairs(gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).clamp_min(0)
     offsets = stats["sums"][present] / counts[:, None]
     variances = (stats["squares"][present] / counts - offsets.square().sum(1)).clamp_min(0)
-    mean_distances = _pairs(torch.cdist(means, means).square())
     pair_variances = _pairs(variances[:, None] + variances[None, :])
 
     result["nc2_equinorm"] = _std_over_mean(norms)
