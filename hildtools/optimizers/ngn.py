@@ -235,7 +235,7 @@ def _single_tensor_ngn(params, grads, buffers, *, gamma, ok, grad_scale, buffer_
             param.add_(step)
         else:
             buf.mul_(buffer_decay.to(device)).sub_(step)
-            param.sub_(buf.mul(ok.to(device)))
+            param.addcmul_(buf, ok.to(device, gamma.dtype), value=-1)  # p -= v, or nothing when skipped
 
 
 def _multi_tensor_ngn(params, grads, buffers, *, gamma, ok, grad_scale, buffer_decay, momentum, weight_decay):

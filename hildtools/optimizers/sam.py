@@ -289,7 +289,7 @@ def _add_scaled(params: list[Tensor], tensors: list[Tensor], scale: Tensor, fore
             torch._foreach_add_(device_params, torch._foreach_mul(device_tensors, scale.to(device_params[0].device)))
     else:
         for param, tensor in zip(params, tensors, strict=True):
-            param.add_(tensor * scale.to(param.device))
+            param.addcmul_(tensor, scale.to(param.device))
 
 
 @contextlib.contextmanager
