@@ -1,0 +1,398 @@
+"""Empirical neural tangent kernel (NTK) of a batch of inputs: exact in memory-bounded chunks, or sketched.
+
+For a model ``f(x; theta)`` with ``C`` outputs per example (its output flattened per example) and inputs
+``x_1 .. x_n``, the Jacobian rows ``J_ia = d f_a(x_i) / d theta`` (``theta``: the chosen parameters, flattened
+and concatenated) give, by ``output`` convention:
+
+- ``"sum"`` (default): ``K_ij = sum_a <J_ia, J_ja>`` (n x n; the PyTorch NTK tutorial's ``"trace"``);
+- ``"mean"``: the sum divided by ``C`` (neural-tangents' default ``trace_axes=(-1,)``);
+- ``"index"``: ``K_ij = <J_ik, J_jk>`` for the single output ``k = output_index``;
+- ``"projection"``: the kernel of the scalar output ``v^T f(x)``, ``v ~ N(0, I_C)`` drawn once from ``seed``
+  (on the CPU, so the same on every device); ``E_v[K] = `` the ``"sum"`` kernel; one backward per example
+  instead of ``C``;
+- ``"full"``: the (nC) x (nC) kernel ``K[i*C + a, j*C + b] = <J_ia, J_jb>`` (``K.view(n, C, n, C)``).
+
+With one output per example (``C = 1``) all five agree. A linear model ``f(x) = W x + b`` has
+``K = C (X X^T + 1)`` under ``"sum"`` (``X X^T + 1`` under ``"mean"``; ``X X^T`` without bias).
+
+Computation. Per-example Jacobian rows come from ``torch.func`` (``vmap`` over examples of ``jacrev`` of a
+one-example ``functional_call``), ``chunk_size`` rows (example-output pairs) at a time. The kernel is assembled
+block by block from pairs of chunks, the second chunk of a pair being recomputed, so memory is about
+``2 x chunk_size x P`` Jacobian entries (P parameters) plus the activations of ``chunk_size`` backward passes,
+whatever ``n``; with ``m`` chunks the Jacobian is evaluated ``m (m + 1) / 2`` chunk-times. Products are taken in
+fp64 and the kernel is returned in fp64.
+
+Batch coupling. The model is evaluated as given: modes are not changed (hildtools' probe puts the model in eval
+mode, so by default BatchNorm uses its running statistics and the kernel is the eval-mode NTK). A BatchNorm in
+train mode (or without running statistics) couples the examples through the batch statistics; the kernel is then
+that of the batched function ``x -> f(x)`` with the statistics of the whole ``x``, computed from one forward of the
+whole batch and vector-Jacobian products for chunks of rows. The module's buffers (running statistics,
+``num_batches_tracked``) are never written: the forward runs on copies. Dropout active in train mode is refused:
+a random function has no tangent kernel.
+
+Sketch (``sketch_dim=k``). Every Jacobian row ``g`` (P entries) is replaced by ``R^T g / sqrt(k)``, with ``R``
+(P x k) of iid N(0, 1) entries generated blockwise from ``seed`` (never stored whole), and ``K~ = G~ G~^T``.
+Since ``E[(r.a)(r.b)] = a.b`` and ``Var[(r.a)(r.b)] = |a|^2 |b|^2 + (a.b)^2`` for ``r ~ N(0, I)``:
+
+- ``K~`` is unbiased and ``Var(K~_ij) = (K_ii K_jj + K_ij^2) / k``: the error of each entry relative to
+  ``sqrt(K_ii K_jj)`` has standard deviation at most ``sqrt(2/k)`` (exactly ``sqrt(2/k)`` on the diagonal);
+- ``E ||K~ - K||_F^2 / ||K||_F^2 = (1 + tr(K)^2 / ||K||_F^2) / k``, where ``tr(K)^2 / ||K||_F^2`` (the
+  participation ratio) lies between 1 and n: about ``sqrt(2/k)`` for a kernel dominated by one direction.
+
+The sketch needs no recomputation (memory ``n x C' x k``) but draws ``P x k`` Gaussians per chunk; it is for models
+whose exact kernel costs too many chunk pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vjp, vmap
+
+from hildtools.curvature._checks import check_choice, check_int
+from hildtools.distributed import all_reduce_mean, is_distributed
+from hildtools.probe import batch_size, map_tensors
+
+OUTPUTS = ("sum", "mean", "index", "projection", "full")
+CHUNK_BYTES = 2**30  # default chunk: the Jacobian rows fitting 1 GiB
+_BLOCK_ELEMENTS = 2**25  # fp64 copies and sketch matrices are made in blocks of at most this many entries
+
+
+def check_ntk_args(output: Any, output_index: Any, chunk_size: Any, sketch_dim: Any, seed: Any) -> None:
+    """Raise ValueError for an argument of :func:`empirical_ntk` outside its accepted range."""
+    check_choice("output", output, OUTPUTS)
+    if output == "index":
+        check_int("output_index", output_index, 0)
+    elif output_index is not None:
+        raise ValueError(f"output_index is only used with output='index', got {output_index!r} with {output!r}")
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
+    if sketch_dim is not None:
+        check_int("sketch_dim", sketch_dim, 1)
+    check_int("seed", seed, 0)
+
+
+def _check_inputs(x: Any) -> int:
+    tensors = list(x.values()) if isinstance(x, Mapping) else list(x) if isinstance(x, (tuple, list)) else [x]
+    if not tensors or not all(isinstance(t, Tensor) and t.dim() >= 1 for t in tensors):
+        raise TypeError("x must be a tensor, or a tuple/list/dict of tensors, each with a leading example dimension")
+    n = batch_size(x)
+    if n < 1 or any(t.shape[0] != n for t in tensors):
+        raise ValueError(f"x: every tensor needs the same number of examples >= 1, got {[t.shape for t in tensors]}")
+    return n
+
+
+def _as_outputs(out: Any, n: int) -> Tensor:
+    """The model's output as an (n, C) tensor (a ``logits`` field of a dict/dataclass output is used)."""
+    if isinstance(out, Mapping) and "logits" in out:
+        out = out["logits"]
+    out = getattr(out, "logits", out)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"model must return a tensor (or an output with `logits`), got {type(out).__name__}")
+    return out.reshape(n, -1)
+
+
+def couples_examples(model: nn.Module) -> bool:
+    """True when a BatchNorm normalises with batch statistics (train mode or no running statistics)."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+        for m in model.modules()
+    )
+
+
+def resolve_params(model: nn.Module, params: Iterable[str | Tensor] | None) -> dict[str, Tensor]:
+    """``{name: detached tensor}`` of the parameters to differentiate (default: those with ``requires_grad``)."""
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = [name for name, p in named.items() if p.requires_grad]
+    else:
+        by_id = {id(p): name for name, p in named.items()}
+        chosen = []
+        for p in params:
+            name = p if isinstance(p, str) else by_id.get(id(p))
+            if name not in named:
+                raise ValueError(f"params: {p if isinstance(p, str) else 'a tensor'} is not a parameter of the model")
+            chosen.append(name)
+    if not chosen:
+        raise ValueError("params: no parameters to differentiate (none given, or none requires grad)")
+    return {name: named[name].detach() for name in chosen}
+
+
+class TangentModel:
+    """A model as a function of its parameters on the batch ``x``: selected outputs and their Jacobian rows.
+
+    The selected outputs are ``f(x_i) @ S`` with the selection matrix ``S`` (C x C'): the identity (``"sum"``,
+    ``"mean"``, ``"full"``), a basis vector (``"index"``) or the seeded Gaussian vector ``v`` (``"projection"``).
+    See the module docstring for the conventions, batch coupling and what is never modified.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: Any,
+        *,
+        output: str = "sum",
+        output_index: int | None = None,
+        seed: int = 0,
+        params: Iterable[str | Tensor] | None = None,
+    ) -> None:
+        self.n = _check_inputs(x)
+        active_dropout = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+        if any(m.p > 0 for m in active_dropout):
+            raise ValueError("model: dropout is active (train mode); call model.eval() (BatchNorm may stay in train)")
+        self.model, self.x = model, x
+        self.params = resolve_params(model, params)
+        self.coupled = couples_examples(model)
+        self._vjp: Callable | None = None
+        with torch.inference_mode(False), torch.enable_grad():
+            if self.coupled:
+                outputs, self._vjp = vjp(self._batch_outputs, self.params)
+            else:
+                first = map_tensors(lambda t: t[:1], x)
+                outputs = vmap(self._example_outputs, (None, 0), randomness="error")(self.params, first)
+        self.num_outputs = outputs.shape[-1]
+        self.dtype = outputs.dtype
+        self.device = outputs.device
+        if output == "index" and output_index >= self.num_outputs:
+            raise ValueError(f"output_index must be in [0, {self.num_outputs}) for this model, got {output_index}")
+        self.selection = self._selection(output, output_index, seed)
+
+    # -- the function ---------------------------------------------------------------------------------------------
+    def _call(self, params: dict[str, Tensor], x: Any, n: int) -> Tensor:
+        # Copies of the buffers: a train-mode BatchNorm updates the copies, never the module's running statistics.
+        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        args, kwargs = ((), x) if isinstance(x, Mapping) else (tuple(x) if isinstance(x, (tuple, list)) else (x,), {})
+        return _as_outputs(functional_call(self.model, (params, buffers), args, kwargs), n)
+
+    def _batch_outputs(self, params: dict[str, Tensor]) -> Tensor:
+        return self._call(params, self.x, self.n)
+
+    def _example_outputs(self, params: dict[str, Tensor], x_one: Any) -> Tensor:
+        return self._call(params, map_tensors(lambda t: t.unsqueeze(0), x_one), 1)[0]
+
+    def _selection(self, output: str, output_index: int | None, seed: int) -> Tensor | None:
+        if output == "index":
+            selection = torch.zeros(self.num_outputs, 1, dtype=self.dtype)
+            selection[output_index] = 1
+        elif output == "projection":
+            generator = torch.Generator().manual_seed(seed)
+            selection = torch.randn(self.num_outputs, 1, generator=generator, dtype=torch.float64).to(self.dtype)
+        else:
+            return None
+        return selection.to(self.device)
+
+    @property
+    def num_selected(self) -> int:
+        """C': the number of selected outputs per example."""
+        return self.num_outputs if self.selection is None else 1
+
+    def selection_columns(self, outputs: range) -> Tensor:
+        """The columns ``S[:, outputs]`` of the selection matrix (C x len(outputs))."""
+        if self.selection is not None:
+            return self.selection[:, outputs.start : outputs.stop]
+        eye = torch.eye(self.num_outputs, dtype=self.dtype, device=self.device)
+        return eye[:, outputs.start : outputs.stop]
+
+    # -- Jacobian rows --------------------------------------------------------------------------------------------
+    def rows(self, examples: range, outputs: range) -> list[Tensor]:
+        """``d (f(x_i) @ S)_a / d theta`` for i in ``examples``, a in ``outputs``: one (b, a, P_p) tensor per parameter."""
+        b, a = len(examples), len(outputs)
+        columns = self.selection_columns(outputs)
+        with torch.inference_mode(False), torch.enable_grad():
+            if self.coupled:
+                cotangents = torch.zeros(b, a, self.n, self.num_outputs, dtype=self.dtype, device=self.device)
+                cotangents[torch.arange(b), :, torch.tensor(examples)] = columns.T
+                (grads,) = vmap(self.vjp_fn)(cotangents.reshape(b * a, self.n, self.num_outputs))
+            else:
+                x = map_tensors(lambda t: t[examples.start : examples.stop], self.x)
+
+                def selected(params: dict[str, Tensor], x_one: Any) -> Tensor:
+                    return self._example_outputs(params, x_one) @ columns
+
+                grads = vmap(jacrev(selected), (None, 0), randomness="error")(self.params, x)
+        return [grads[name].reshape(b, a, -1) for name in self.params]
+
+    @property
+    def vjp_fn(self) -> Callable:
+        """Vector-Jacobian product of the batched outputs (n x C cotangent -> parameter gradients), one forward."""
+        if self._vjp is None:
+            with torch.inference_mode(False), torch.enable_grad():
+                _, self._vjp = vjp(self._batch_outputs, self.params)
+        return self._vjp
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def default_chunk_size(self) -> int:
+        """Rows whose Jacobian fits :data:`CHUNK_BYTES`."""
+        itemsize = next(iter(self.params.values())).element_size()
+        return max(1, CHUNK_BYTES // (self.num_params * itemsize))
+
+
+def row_chunks(n: int, num_outputs: int, chunk_size: int) -> list[tuple[range, range]]:
+    """(examples, outputs) ranges covering the n x C' Jacobian rows, ``chunk_size`` rows at most per chunk.
+
+    Whole examples are kept together when ``chunk_size >= C'``; otherwise one example and ``chunk_size`` outputs.
+    Ordered output-chunk-major.
+    """
+    if chunk_size >= num_outputs:
+        per = chunk_size // num_outputs
+        return [(range(i, min(i + per, n)), range(num_outputs)) for i in range(0, n, per)]
+    return [
+        (range(i, i + 1), range(a, min(a + chunk_size, num_outputs)))
+        for a in range(0, num_outputs, chunk_size)
+        for i in range(n)
+    ]
+
+
+def _gram_block(first: list[Tensor], second: list[Tensor], full: bool) -> Tensor:
+    """``sum_p first_p second_p^T`` in fp64: (b, b') summed over outputs, or (b, a, b', a') when ``full``."""
+    b, a, _ = first[0].shape
+    b2, a2, _ = second[0].shape
+    rows, columns = (b * a, b2 * a2) if full else (b, b2)
+    block = torch.zeros(rows, columns, dtype=torch.float64, device=first[0].device)
+    for u, v in zip(first, second):
+        u, v = u.reshape(rows, -1), v.reshape(columns, -1)
+        step = max(1, _BLOCK_ELEMENTS // max(rows, columns))
+        for start in range(0, u.shape[1], step):
+            block += u[:, start : start + step].double() @ v[:, start : start + step].double().T
+    return block.view(b, a, b2, a2) if full else block
+
+
+def _exact_kernel(tangent: TangentModel, chunks: list[tuple[range, range]], full: bool, owned: Callable) -> Tensor:
+    n, c = tangent.n, tangent.num_selected
+    kernel = torch.zeros((n, c, n, c) if full else (n, n), dtype=torch.float64, device=tangent.device)
+    for u, (examples_u, outputs_u) in enumerate(chunks):
+        if not owned(u):
+            continue
+        rows_u = tangent.rows(examples_u, outputs_u)
+        for examples_v, outputs_v in chunks[u:]:
+            if not full and outputs_v != outputs_u:
+                continue
+            same = (examples_v, outputs_v) == (examples_u, outputs_u)
+            rows_v = rows_u if same else tangent.rows(examples_v, outputs_v)
+            block = _gram_block(rows_u, rows_v, full)
+            eu, ev = slice(examples_u.start, examples_u.stop), slice(examples_v.start, examples_v.stop)
+            if full:
+                ou, ov = slice(outputs_u.start, outputs_u.stop), slice(outputs_v.start, outputs_v.stop)
+                kernel[eu, ou, ev, ov] = block
+                kernel[ev, ov, eu, ou] = block.permute(2, 3, 0, 1)
+            else:
+                kernel[eu, ev] += block
+                if not same:
+                    kernel[ev, eu] += block.T
+    return kernel
+
+
+def sketch_rows(rows: list[Tensor], sketch_dim: int, seeds: Tensor) -> Tensor:
+    """``R^T g / sqrt(k)`` for every row ``g``: (b, a, k). Block ``j`` of parameter ``p``'s rows of ``R`` is drawn
+    from a generator seeded with ``seeds[p]`` (consecutive blocks of :data:`_BLOCK_ELEMENTS`), on the rows' device."""
+    b, a, _ = rows[0].shape
+    dtype = torch.promote_types(rows[0].dtype, torch.float32)
+    sketch = torch.zeros(b * a, sketch_dim, dtype=dtype, device=rows[0].device)
+    step = max(1, _BLOCK_ELEMENTS // sketch_dim)
+    for part, seed in zip(rows, seeds.tolist()):
+        flat = part.reshape(b * a, -1)
+        generator = torch.Generator(device=flat.device).manual_seed(seed)
+        for start in range(0, flat.shape[1], step):
+            columns = flat[:, start : start + step]
+            projection = torch.randn(columns.shape[1], sketch_dim, generator=generator, device=flat.device, dtype=dtype)
+            sketch += columns.to(dtype) @ projection
+    return (sketch / math.sqrt(sketch_dim)).view(b, a, sketch_dim)
+
+
+def _sketched_kernel(
+    tangent: TangentModel,
+    chunks: list[tuple[range, range]],
+    full: bool,
+    owned: Callable,
+    sketch_dim: int,
+    seed: int,
+    reduce_sum: Callable[[Tensor], Tensor],
+) -> Tensor:
+    seeds = torch.randint(2**62, (len(tangent.params),), generator=torch.Generator().manual_seed(seed))
+    sketched = torch.zeros(tangent.n, tangent.num_selected, sketch_dim, dtype=torch.float64, device=tangent.device)
+    for u, (examples, outputs) in enumerate(chunks):
+        if owned(u):
+            rows = sketch_rows(tangent.rows(examples, outputs), sketch_dim, seeds)
+            sketched[examples.start : examples.stop, outputs.start : outputs.stop] = rows
+    sketched = reduce_sum(sketched)
+    if full:
+        flat = sketched.reshape(-1, sketch_dim)
+        return (flat @ flat.T).view(tangent.n, tangent.num_selected, tangent.n, tangent.num_selected)
+    flat = sketched.reshape(tangent.n, -1)
+    return flat @ flat.T
+
+
+def empirical_ntk(
+    model: nn.Module,
+    x: Any,
+    *,
+    output: str = "sum",
+    output_index: int | None = None,
+    chunk_size: int | None = None,
+    sketch_dim: int | None = None,
+    seed: int = 0,
+    params: Iterable[str | Tensor] | None = None,
+    distributed: bool = False,
+) -> Tensor:
+    """The empirical NTK of ``model`` on the inputs ``x`` (conventions in the module docstring).
+
+    Args:
+        model: any ``nn.Module``; evaluated as given (put it in eval mode for the eval-mode NTK).
+        x: the inputs: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict (``model(**x)``) of tensors
+            with a leading example dimension n.
+        output: ``"sum"`` (default), ``"mean"``, ``"index"``, ``"projection"`` or ``"full"``.
+        output_index: the output used by ``output="index"``, in [0, C).
+        chunk_size: Jacobian rows (example-output pairs) computed at once, >= 1; peak memory is about
+            ``2 x chunk_size x P`` entries. Default: the rows fitting 1 GiB (at least one).
+        sketch_dim: project every Jacobian row to this many dimensions with a seeded Gaussian matrix
+            (error in the module docstring); ``None`` (default): exact.
+        seed: seeds the ``"projection"`` vector and the sketch (a private generator; the global RNG is not used).
+        params: parameter names or parameter tensors to differentiate; default: all with ``requires_grad``.
+        distributed: split the chunks over the ranks of the initialised process group and all-reduce, so every
+            rank returns the whole kernel; every rank must call it with the same model and ``x``.
+
+    Returns:
+        The fp64 kernel: (n, n), or (nC, nC) for ``output="full"``.
+
+    Raises:
+        ValueError: an argument out of range, a parameter not in the model, active dropout.
+        TypeError: ``x`` or the model's output of an unsupported type.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x = torch.eye(3)
+        >>> empirical_ntk(model, x)  # X X^T + 1: the bias adds 1 to every entry
+        tensor([[2., 1., 1.],
+                [1., 2., 1.],
+                [1., 1., 2.]], dtype=torch.float64)
+    """
+    check_ntk_args(output, output_index, chunk_size, sketch_dim, seed)
+    tangent = TangentModel(model, x, output=output, output_index=output_index, seed=seed, params=params)
+    chunks = row_chunks(tangent.n, tangent.num_selected, chunk_size or tangent.default_chunk_size())
+    shared = distributed and is_distributed()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if shared else (0, 1)
+
+    def owned(chunk_index: int) -> bool:
+        return chunk_index % world == rank
+
+    def reduce_sum(tensor: Tensor) -> Tensor:
+        return all_reduce_mean(tensor) * world if shared else tensor
+
+    full = output == "full"
+    if sketch_dim is None:
+        kernel = reduce_sum(_exact_kernel(tangent, chunks, full, owned))
+    else:
+        kernel = _sketched_kernel(tangent, chunks, full, owned, sketch_dim, seed, reduce_sum)
+    if output == "mean":
+        kernel = kernel / tangent.num_outputs
+    if full:
+        size = tangent.n * tangent.num_outputs
+        kernel = kernel.reshape(size, size)
+    return kernel
