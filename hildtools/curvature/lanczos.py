@@ -1,0 +1,233 @@
+"""Lanczos with full re-orthogonalisation and a Ritz-residual stopping rule, for extreme eigenpairs of a
+symmetric operator given only by its matrix-vector product.
+
+After ``m`` steps the Lanczos basis ``Q_m`` and tridiagonal ``T_m = Q_m^T H Q_m`` give Ritz pairs
+``(theta_i, y_i = Q_m s_i)`` with ``T_m s_i = theta_i s_i``, and the residual ``||H y_i - theta_i y_i||`` equals
+``|beta_m s_{m,i}|`` at no extra cost. Since some eigenvalue lies within the residual of every Ritz value, and
+within ``residual^2 / gap`` once converged, stopping when ``|beta_m s_{m,i}| <= tol |theta_i|`` for each of the
+top k is a relative accuracy guarantee (not a "stopped changing" heuristic like power iteration's). Each new
+vector is re-orthogonalised against the whole basis twice (classical Gram-Schmidt twice, "twice is enough"), so
+no spurious copies of converged eigenvalues appear. Randomness (the start vector, restarts after an invariant
+subspace is found) comes from a private generator on the CPU, so results do not depend on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hildtools.curvature._checks import check_int, check_positive
+from hildtools.curvature._random import gaussian_vector
+
+MatVec = Callable[[Tensor], Tensor]
+
+BASIS_CHUNK = 32
+"""Basis vectors per storage block (the basis grows by blocks, never copied)."""
+
+WARM_START_NOISE = 1.0
+"""Norm of the random part of a warm start vector, relative to the (unit) previous-eigenvector part: it keeps
+every direction present in the start vector, so eigenvectors outside the previous span are found as from a
+cold start (at most one or two extra steps), while the previous directions start far ahead."""
+
+ROUNDING_FLOOR = 100.0
+"""Residuals below ``ROUNDING_FLOOR * eps(dtype) * max|theta|`` count as converged: products carry rounding
+errors of that order, so eigenvalues far below the largest cannot be resolved to relative accuracy anyway."""
+
+
+@dataclass
+class Eigenpairs:
+    """Extreme eigenpairs of a symmetric operator; unpacks as ``values, vectors = result``.
+
+    Attributes:
+        eigenvalues: the k largest (algebraic) eigenvalues, descending; float64 on the CPU.
+        eigenvectors: unit eigenvectors as columns, ``(size, k)``, on the operator's device and dtype.
+        residuals: ``||H y_i - theta_i y_i||`` of each returned pair (bounds each eigenvalue's error).
+        converged: whether every requested residual met the tolerance (else ``max_iter`` was hit).
+        num_hvp: operator products used.
+        smallest_eigenvalue, smallest_eigenvector, smallest_residual: the smallest (algebraic) eigenpair when
+            requested with ``smallest=True``, else ``None``.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    converged: bool
+    num_hvp: int
+    smallest_eigenvalue: Tensor | None = None
+    smallest_eigenvector: Tensor | None = None
+    smallest_residual: Tensor | None = None
+
+    def __iter__(self):
+        return iter((self.eigenvalues, self.eigenvectors))
+
+
+class LanczosProcess:
+    """The Lanczos recurrence with full two-pass re-orthogonalisation, one operator product per :meth:`step`.
+
+    The basis lives on ``basis_device`` (e.g. the CPU, for models whose ``m x size`` basis does not fit next to
+    them); the current and previous vectors stay on the operator's device.
+    """
+
+    def __init__(self, matvec: MatVec, start: Tensor, basis_device: torch.device | str | None = None) -> None:
+        self.matvec = matvec
+        self.size = start.numel()
+        self.device, self.dtype = start.device, start.dtype
+        self.basis_device = torch.device(basis_device) if basis_device is not None else self.device
+        self.blocks: list[Tensor] = []
+        self.length = 0
+        self.alphas: list[float] = []
+        self.betas: list[float] = []  # betas[j] couples basis vectors j and j+1; the last is the current residual
+        self.current = start / torch.linalg.vector_norm(start)
+        self.previous: Tensor | None = None
+        self.residual: Tensor | None = None
+
+    def _append(self, vector: Tensor) -> None:
+        if self.length == len(self.blocks) * BASIS_CHUNK:
+            self.blocks.append(torch.empty(BASIS_CHUNK, self.size, device=self.basis_device, dtype=self.dtype))
+        self.blocks[-1][self.length % BASIS_CHUNK] = vector.to(self.basis_device)
+        self.length += 1
+
+    def _stored(self) -> list[Tensor]:
+        full, rest = divmod(self.length, BASIS_CHUNK)
+        return self.blocks[:full] + ([self.blocks[full][:rest]] if rest else [])
+
+    def orthogonalize(self, vector: Tensor) -> Tensor:
+        """``vector`` minus its projection on the basis, by two passes of block Gram-Schmidt."""
+        vector = vector.to(self.basis_device)
+        for _ in range(2):
+            for block in self._stored():
+                vector = vector - block.T @ (block @ vector)
+        return vector.to(self.device)
+
+    def step(self) -> float:
+        """Extend the basis by one vector (one operator product); returns the new residual norm ``beta``."""
+        q = self.current
+        self._append(q)
+        w = self.matvec(q).to(self.device, self.dtype)
+        alpha = torch.dot(w, q).item()
+        w = w - alpha * q
+        if self.previous is not None:
+            w = w - self.betas[-1] * self.previous
+        w = self.orthogonalize(w)
+        beta = torch.linalg.vector_norm(w).item()
+        self.alphas.append(alpha)
+        self.betas.append(beta)
+        self.previous, self.residual = q, w
+        self.current = w / beta if beta > 0 else w
+        return beta
+
+    def restart(self, vector: Tensor) -> None:
+        """Continue from a new direction after an invariant subspace was found (``T`` becomes block diagonal)."""
+        vector = self.orthogonalize(vector.to(self.device, self.dtype))
+        self.betas[-1] = 0.0
+        self.previous = None
+        self.current = vector / torch.linalg.vector_norm(vector)
+
+    def tridiagonal(self) -> Tensor:
+        """``T_m = Q_m^T H Q_m`` in float64 on the CPU."""
+        diagonal = torch.tensor(self.alphas, dtype=torch.float64)
+        off = torch.tensor(self.betas[:-1], dtype=torch.float64)
+        return torch.diag(diagonal) + torch.diag(off, 1) + torch.diag(off, -1)
+
+    def ritz_vectors(self, coefficients: Tensor) -> Tensor:
+        """``Q_m S`` for coefficient columns ``S`` (``m x j``), as unit columns on the operator's device."""
+        coefficients = coefficients.to(self.basis_device, self.dtype)
+        vectors = torch.zeros(self.size, coefficients.shape[1], device=self.basis_device, dtype=self.dtype)
+        start = 0
+        for block in self._stored():
+            vectors += block.T @ coefficients[start:start + block.shape[0]]
+            start += block.shape[0]
+        vectors = vectors.to(self.device)
+        return vectors / torch.linalg.vector_norm(vectors, dim=0, keepdim=True)
+
+
+def start_vector(size: int, init: Tensor | None, generator: torch.Generator, device: torch.device,
+                 dtype: torch.dtype) -> Tensor:
+    """Random, or a warm start: the sum of the ``init`` columns (previous eigenvectors) plus random noise."""
+    noise = gaussian_vector(size, generator, device, dtype)
+    noise = noise / torch.linalg.vector_norm(noise)
+    if init is None:
+        return noise
+    if init.numel() % size:
+        raise ValueError(f"init must have shape ({size},) or ({size}, j), got {tuple(init.shape)}")
+    block = init.detach().reshape(size, -1).to(device, dtype)
+    block = block / torch.linalg.vector_norm(block, dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    warm = block.sum(1)
+    norm = torch.linalg.vector_norm(warm)
+    return noise if not norm > 0 else warm / norm + WARM_START_NOISE * noise
+
+
+def lanczos(
+    matvec: MatVec,
+    size: int,
+    k: int = 1,
+    *,
+    tol: float = 1e-3,
+    max_iter: int | None = None,
+    init: Tensor | None = None,
+    smallest: bool = False,
+    basis_device: torch.device | str | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Eigenpairs:
+    """The k largest (algebraic) eigenpairs of the symmetric operator ``matvec`` on vectors of ``size`` entries.
+
+    Stops as soon as every top-k Ritz residual satisfies ``|beta_m s_{m,i}| <= tol * |theta_i|`` (and, with
+    ``smallest=True``, the smallest one satisfies ``<= tol * max_i |theta_i|``), or after ``max_iter`` products.
+    Eigenvalues far below the largest cannot be resolved beyond rounding: residuals under ``100 eps max|theta|``
+    count as converged.
+
+    Args:
+        matvec: ``v -> H v`` for a flat vector of ``size`` entries (symmetric ``H``).
+        size: dimension of the operator.
+        k: number of largest eigenpairs, 1 <= k <= size.
+        tol: relative tolerance on the Ritz residuals, > 0.
+        max_iter: cap on operator products, >= k (default ``max(100, 20 k)``); capped at ``size``.
+        init: warm start, a vector or ``(size, j)`` block of previous eigenvectors (their sum plus noise starts
+            the recurrence).
+        smallest: also return the smallest (algebraic) eigenpair.
+        basis_device: where the Lanczos basis is stored (default: ``device``); ``"cpu"`` to spare GPU memory.
+        seed: seed of the private generator for the start vector.
+        device: device of the vectors passed to ``matvec``.
+        dtype: dtype of the vectors (eigenvalues come from a float64 tridiagonal).
+
+    Returns:
+        :class:`Eigenpairs`.
+
+    Raises:
+        ValueError: ``k``, ``tol``, ``max_iter`` or ``init`` out of range.
+    """
+    check_int("k", k, 1)
+    check_int("size", size, k)
+    tol = check_positive("tol", tol)
+    max_iter = check_int("max_iter", max(100, 20 * k) if max_iter is None else max_iter, k)
+    max_iter = min(max_iter, size)
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    process = LanczosProcess(matvec, start_vector(size, init, generator, device, dtype), basis_device)
+    floor = ROUNDING_FLOOR * torch.finfo(dtype).eps
+    while True:
+        beta = process.step()
+        theta, coefficients = torch.linalg.eigh(process.tridiagonal())  # ascending
+        residuals = beta * coefficients[-1].abs()
+        scale = theta.abs().max()
+        bounds = torch.maximum(tol * theta.abs(), floor * scale)
+        top = torch.arange(len(theta) - 1, max(len(theta) - k, 0) - 1, -1)
+        converged = len(theta) >= k and bool((residuals[top] <= bounds[top]).all())
+        if smallest:
+            converged = converged and bool(residuals[0] <= max(tol, floor) * scale)
+        if converged or process.length >= max_iter:
+            break
+        if beta <= floor * scale:  # invariant subspace: its Ritz pairs are exact, continue in the complement
+            process.restart(gaussian_vector(size, generator, device, dtype))
+    vectors = process.ritz_vectors(coefficients[:, top])
+    result = Eigenpairs(theta[top], vectors, residuals[top], converged, process.length)
+    if smallest:
+        result.smallest_eigenvalue = theta[0]
+        result.smallest_eigenvector = process.ritz_vectors(coefficients[:, :1])[:, 0]
+        result.smallest_residual = residuals[0]
+    return result
