@@ -3,3 +3,4 @@
 from hildtools.callbacks.feature_rank import FeatureRankMonitor
 from hildtools.callbacks.invariant_sets import InvariantSetMonitor
 from hildtools.callbacks.neural_collapse import NeuralCollapseMonitor
+from hildtools.callbacks.ntk_alignment import NTKAlignmentMonitor

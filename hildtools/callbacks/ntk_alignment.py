@@ -1,0 +1,170 @@
+"""NTKAlignmentMonitor: how the empirical NTK of a fixed probe batch moves and aligns with the task during training.
+
+Measured every ``every_n_steps`` optimizer steps (or ``every_n_epochs`` epochs) on a probe set drawn once at fit
+start (under DDP, rank 0's probe set is broadcast so every rank measures the same kernel): the model runs in probe
+mode (eval mode, dropout off, BatchNorm per ``bn_mode``; nothing of training touched) and
+:func:`hildtools.metrics.empirical_ntk` computes the kernel K_t of the module's forward on the probe inputs (its
+output, or its ``logits``), its chunks split over the ranks. The first kernel (at step 0 by default) is kept as
+K_0 in the callback state, so a resumed run continues the same curves. Logged under ``ntk/``:
+
+- ``target_alignment``: ``<K_t, Y Y^T>_F / (||K_t||_F ||Y Y^T||_F)`` with the probe targets (labels one-hot),
+  the uncentered task alignment of the silent-alignment paper; ``target_alignment_centered``: the same after
+  centring kernel and targets over the examples (Cortes et al. 2012). Skipped, with one message, when the probe has
+  no targets (or targets that are not labels/float targets);
+- ``init_alignment``: ``<K_t, K_0>_F / (||K_t||_F ||K_0||_F)``; ``relative_change``: ``||K_t - K_0||_F / ||K_0||_F``;
+- ``trace``: ``tr(K_t)`` (the kernel's scale); ``effective_rank``: exp(entropy) of K_t's normalised eigenvalues.
+
+With W&B (or ``figures=True``): the kernel's eigenvalues, normalised by the largest, as a picture. A kernel with
+NaN/inf entries skips the measurement with a warning. Conventions: :mod:`hildtools.metrics.ntk` and
+:mod:`hildtools.metrics.kernel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from hildtools.callbacks._features import check_figures, wants_figures
+from hildtools.callbacks._monitor import Monitor, SkipMeasurement
+from hildtools.distributed import is_distributed
+from hildtools.logging import log_figure, new_figure
+from hildtools.metrics.kernel import (
+    kernel_alignment,
+    kernel_alignment_between,
+    kernel_effective_rank,
+    kernel_eigenvalues,
+    relative_change,
+)
+from hildtools.metrics.ntk import check_ntk_args, empirical_ntk
+from hildtools.probe import map_tensors, unwrap
+
+
+class NTKAlignmentMonitor(Monitor):
+    """Track the empirical NTK's alignment with the task and with its initial value (Atanasov et al. 2022).
+
+    Args:
+        every_n_steps / every_n_epochs: the schedule (exactly one; default every 100 steps).
+        probe_size: probe examples drawn from the train dataloader (default 256; the kernel is probe_size^2).
+        output: the output convention of :func:`hildtools.metrics.empirical_ntk`: ``"sum"`` (default), ``"mean"``,
+            ``"index"``, ``"projection"`` or ``"full"``.
+        output_index: the output for ``output="index"``.
+        chunk_size: Jacobian rows computed at once (bounds memory; default: the rows fitting 1 GiB).
+        sketch_dim: compute a Gaussian sketch of the kernel with this dimension instead of the exact one.
+        seed: seeds the ``"projection"`` vector and the sketch.
+        params: names of the parameters (relative to the LightningModule) whose tangent kernel is measured;
+            default: every parameter with ``requires_grad``.
+        figures: ``None`` (spectrum picture only with W&B), ``True`` or ``False``.
+        **kwargs: ``probe_data``, ``unpack``, ``bn_mode``, ``measure_at_start``; see
+            :class:`hildtools.callbacks._monitor.Monitor` (no ``loss_fn``: the kernel needs no loss).
+
+    Raises:
+        ValueError: an argument out of range (named), or ``params`` naming no parameter of the model at fit start.
+
+    Example::
+
+        trainer = Trainer(callbacks=[NTKAlignmentMonitor(every_n_steps=50, probe_size=128)])
+    """
+
+    namespace = "ntk"
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        probe_size: int = 256,
+        output: str = "sum",
+        output_index: int | None = None,
+        chunk_size: int | None = None,
+        sketch_dim: int | None = None,
+        seed: int = 0,
+        params: Sequence[str] | None = None,
+        figures: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if "loss_fn" in kwargs:
+            raise TypeError("NTKAlignmentMonitor measures the model's outputs, not a loss: loss_fn is not used")
+        check_ntk_args(output, output_index, chunk_size, sketch_dim, seed)
+        check_figures(figures)
+        if params is not None and (isinstance(params, str) or not all(isinstance(p, str) for p in params)):
+            raise ValueError(f"params must be None or a sequence of parameter names, got {params!r}")
+        if every_n_steps is None and every_n_epochs is None:
+            every_n_steps = 100
+        super().__init__(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, **kwargs)
+        self.ntk_options = dict(output=output, output_index=output_index, chunk_size=chunk_size,
+                                sketch_dim=sketch_dim, seed=seed)  # fmt: skip
+        self.params = None if params is None else list(params)
+        self.figures = figures
+        self.initial_kernel: Tensor | None = None
+        self._warned_targets = False
+
+    def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.params is not None:
+            named = dict(unwrap(pl_module).named_parameters())
+            unknown = [name for name in self.params if name not in named]
+            if unknown:
+                raise ValueError(f"params: {unknown} are not parameters of the model; some names: {list(named)[:8]}")
+        if is_distributed():  # every rank measures rank 0's probe set, so the kernel chunks can be shared out
+            shared = [map_tensors(lambda t: t.detach().cpu(), self.probe.batch)]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            self.probe.batch = shared[0]
+            self.probe.prepare(trainer, pl_module)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
+        inputs, targets = self.probe.unpack(batch)
+        kernel = empirical_ntk(module, inputs, params=self.params, distributed=True, **self.ntk_options)
+        if not torch.isfinite(kernel).all():  # identical on every rank after the all-reduce
+            raise SkipMeasurement("the NTK contains NaN/inf")
+        if self.initial_kernel is None:
+            self.initial_kernel = kernel.clone()
+        initial = self.initial_kernel.to(kernel.device)
+        if initial.shape != kernel.shape:
+            raise SkipMeasurement(f"the kernel's shape {tuple(kernel.shape)} differs from K_0's {tuple(initial.shape)}")
+        metrics = {
+            "trace": torch.trace(kernel),
+            "effective_rank": kernel_effective_rank(kernel),
+            "init_alignment": kernel_alignment_between(kernel, initial),
+            "relative_change": relative_change(kernel, initial),
+            **self.target_alignments(kernel, targets),
+        }
+        if wants_figures(self.figures, trainer):
+            self.log_spectrum(trainer, kernel)
+        return {name: value for name, value in metrics.items() if torch.isfinite(value)}  # NaN: undefined alignment
+
+    def target_alignments(self, kernel: Tensor, targets: Any) -> dict[str, Tensor]:
+        """Uncentered and centered alignment with the probe targets; ``{}`` (one message) when there are none."""
+        reason = "the probe batch has no targets" if targets is None else None
+        if reason is None:
+            try:
+                return {
+                    "target_alignment": kernel_alignment(kernel, targets),
+                    "target_alignment_centered": kernel_alignment(kernel, targets, centered=True),
+                }
+            except (TypeError, ValueError) as error:
+                reason = f"the probe targets are not usable ({error})"
+        if not self._warned_targets:
+            rank_zero_warn(f"NTKAlignmentMonitor: {reason}; ntk/target_alignment is not logged, the other metrics are")
+            self._warned_targets = True
+        return {}
+
+    def log_spectrum(self, trainer: pl.Trainer, kernel: Tensor) -> None:
+        figure_axes = new_figure(figsize=(5, 3))
+        values = kernel_eigenvalues(kernel)
+        if figure_axes is None or values[0] <= 0:
+            return
+        figure, axes = figure_axes
+        normalised = (values / values[0]).clamp_min(1e-16).cpu().numpy()
+        axes.semilogy(range(1, len(normalised) + 1), normalised)
+        axes.set(xlabel="index k", ylabel="lambda_k / lambda_1", title=f"NTK spectrum, step {trainer.global_step}")
+        log_figure(trainer, "ntk/spectrum", figure)
+
+    def extra_state_dict(self) -> dict:
+        return {} if self.initial_kernel is None else {"initial_kernel": self.initial_kernel.detach().cpu()}
+
+    def load_extra_state_dict(self, state: dict) -> None:
+        self.initial_kernel = state.get("initial_kernel")
