@@ -1,0 +1,56 @@
+"""What the Hessian-based monitors share: the Lanczos accuracy arguments, the NaN guard, the double-backward check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from hildtools.callbacks._monitor import Monitor, SkipMeasurement
+from hildtools.curvature import HessianOperator, NonFiniteLossError
+
+
+class CurvatureMonitor(Monitor):
+    """A :class:`Monitor` whose measurement runs Lanczos on Hessian-vector products of the probe loss.
+
+    Args:
+        tol: relative Ritz-residual tolerance of Lanczos, > 0.
+        max_iter: cap on Lanczos steps per measurement, >= ``min_iter``.
+        min_iter: the smallest admissible ``max_iter`` (the number of eigenpairs sought).
+    """
+
+    def __init__(self, *, tol: float, max_iter: int, min_iter: int = 1, **kwargs: Any) -> None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+            raise ValueError(f"tol must be a number > 0, got {tol!r}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < min_iter:
+            raise ValueError(f"max_iter must be an integer >= {min_iter}, got {max_iter!r}")
+        super().__init__(**kwargs)
+        self.tol = float(tol)
+        self.max_iter = max_iter
+
+    def guarded(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call a curvature function; a non-finite probe loss becomes a skipped measurement."""
+        try:
+            return fn(*args, **kwargs)
+        except NonFiniteLossError as error:
+            raise SkipMeasurement(str(error)) from error
+
+    def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fail early, with the way out, when the model has no double backward (e.g. fused attention kernels)."""
+        with self.probe.session(pl_module) as module:
+            batch = self.probe.prepare_batch()
+            try:
+                operator = HessianOperator(module, self.probe.loss, batch)
+                operator.matvec(torch.zeros(operator.size, device=operator.device, dtype=operator.dtype))
+            except NonFiniteLossError:
+                return  # reported (and skipped) by the measurement itself
+            except RuntimeError as error:
+                if "derivative" not in str(error) and "double backward" not in str(error):
+                    raise
+                raise RuntimeError(
+                    f"{type(self).__name__}: this model has an operation without double backward, so Hessian-vector "
+                    f"products are impossible ({error}). For attention, pass a loss_fn whose body runs under "
+                    "`with torch.nn.attention.sdpa_kernel(SDPBackend.MATH):`, or replace the fused op in the "
+                    "probed model."
+                ) from error

@@ -1,0 +1,116 @@
+"""EdgeOfStabilityMonitor: sharpness of the probe loss against the optimizer's own stability threshold.
+
+Under full-batch gradient descent, sharpness (the top Hessian eigenvalue) rises until it reaches 2/lr and then
+hovers there (Cohen et al. 2021). The threshold depends on the optimizer (read from its param groups, see
+:func:`hildtools.curvature.stability_threshold`): GD 2/lr, heavy ball (2+2b)/lr, Nesterov (2+2b)/((1+2b) lr),
+Adam/AdamW (2+2b1)/((1-b1) lr). For Adam the sharpness is the preconditioned one, lambda_1(P^-1/2 H P^-1/2), with
+P the diagonal Adam divides by (Cohen et al. 2022). Logged under ``eos/``: ``sharpness``, ``threshold``,
+``ratio`` (= sharpness / threshold) and ``at_edge`` (1 when ``ratio >= edge_ratio``, else 0).
+
+Cheap by design: top-1 Lanczos at a loose tolerance, warm-started from the previous top eigenvector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from hildtools.callbacks._curvature import CurvatureMonitor
+from hildtools.callbacks._monitor import SkipMeasurement
+from hildtools.curvature import adam_preconditioner, hessian_eigenpairs, stability_threshold
+
+ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
+
+
+class EdgeOfStabilityMonitor(CurvatureMonitor):
+    """Track sharpness against the stability threshold of the trainer's optimizer.
+
+    Args:
+        every_n_steps: measure after every ``every_n_steps`` optimizer steps (default 25).
+        probe_size: examples in the fixed probe set drawn from the train dataloader at fit start.
+        tol: relative accuracy of the sharpness (Ritz-residual bound), > 0; default 1e-2.
+        max_iter: cap on Hessian-vector products per measurement (default 40).
+        edge_ratio: ``at_edge`` is 1 when sharpness >= ``edge_ratio`` x threshold; in (0, 2].
+        optimizer_index: which of ``trainer.optimizers`` sets the threshold.
+        bn_mode: ``"train"`` (default) or ``"eval"``; see :class:`hildtools.probe.Probe`.
+        measure_at_start: also measure before the first update (off by default: Adam has no preconditioner yet).
+        **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``every_n_epochs``.
+
+    Raises:
+        ValueError: invalid ``tol``, ``max_iter``, ``edge_ratio`` or shared argument; at fit start, an optimizer
+            with no known threshold (the message names the supported ones).
+
+    Example::
+
+        trainer = Trainer(callbacks=[EdgeOfStabilityMonitor(every_n_steps=25)])
+    """
+
+    namespace = "eos"
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int | None = 25,
+        probe_size: int = 256,
+        tol: float = 1e-2,
+        max_iter: int = 40,
+        edge_ratio: float = 0.9,
+        optimizer_index: int = 0,
+        bn_mode: str = "train",
+        measure_at_start: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(edge_ratio, bool) or not isinstance(edge_ratio, (int, float)) or not 0 < edge_ratio <= 2:
+            raise ValueError(f"edge_ratio must be in (0, 2], got {edge_ratio!r}")
+        if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
+            raise ValueError(f"optimizer_index must be an integer >= 0, got {optimizer_index!r}")
+        super().__init__(
+            every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, bn_mode=bn_mode,
+            measure_at_start=measure_at_start, **kwargs,
+        )
+        self.edge_ratio = float(edge_ratio)
+        self.optimizer_index = optimizer_index
+        self.vector = None
+
+    def optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer:
+        optimizers = trainer.optimizers
+        if self.optimizer_index >= len(optimizers):
+            raise ValueError(f"optimizer_index={self.optimizer_index} but the trainer has {len(optimizers)} optimizers")
+        optimizer = optimizers[self.optimizer_index]
+        return getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's
+
+    def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stability_threshold(self.optimizer(trainer))  # an unsupported optimizer fails here, not mid-run
+        super().on_fit_setup(trainer, pl_module)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
+        optimizer = self.optimizer(trainer)
+        threshold = stability_threshold(optimizer)
+        preconditioner = None
+        if isinstance(optimizer, ADAM_LIKE):
+            params = [p for p in module.parameters() if p.requires_grad]
+            if any("exp_avg_sq" not in optimizer.state.get(p, {}) for p in params):
+                raise SkipMeasurement("Adam has taken no step yet, so its preconditioner is undefined")
+            preconditioner = adam_preconditioner(optimizer, params)
+        result = self.guarded(
+            hessian_eigenpairs, module, self.probe.loss, batch, k=1, tol=self.tol, max_iter=self.max_iter,
+            init=self.vector, preconditioner=preconditioner, seed=self.last_step,
+        )
+        self.vector = result.eigenvectors
+        sharpness = result.eigenvalues[0]
+        ratio = sharpness / threshold
+        return {
+            "sharpness": sharpness,
+            "threshold": threshold,
+            "ratio": ratio,
+            "at_edge": float(ratio >= self.edge_ratio),
+            "num_hvp": result.num_hvp,
+        }
+
+    def extra_state_dict(self) -> dict:
+        return {"vector": None if self.vector is None else self.vector.cpu()}
+
+    def load_extra_state_dict(self, state: dict) -> None:
+        self.vector = state.get("vector")

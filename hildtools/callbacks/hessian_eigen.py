@@ -1,0 +1,122 @@
+"""HessianEigenMonitor: top-k Hessian eigenpairs of the probe loss during training, and how their span moves.
+
+Measured every ``every_n_steps`` optimizer steps on a fixed probe set: the k largest (algebraic) eigenvalues by
+Lanczos with a residual stopping rule, warm-started from the previous eigenvectors. Logged under ``hessian/``:
+
+* ``eig_{i}`` (i = 0 … k-1, descending) and ``num_hvp`` (Hessian-vector products the measurement used);
+* ``overlap_prev`` and ``overlap_init``: subspace overlaps ``||U_t^T U_s||_F^2 / k`` in [0, 1] of the top-k
+  eigenspace now against the previous and the first measurement ("Hessian inertia"; a random k-dimensional
+  subspace scores about k/P). Subspaces, not single eigenvectors: near-equal eigenvalues swap their vectors;
+* optionally ``trace`` (Hutch++) and the spectral density (stochastic Lanczos quadrature) as a picture.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from hildtools.callbacks._curvature import CurvatureMonitor
+from hildtools.curvature import hessian_eigenpairs, hessian_trace, spectral_density, subspace_overlap
+from hildtools.logging import log_figure, new_figure
+
+
+class HessianEigenMonitor(CurvatureMonitor):
+    """Track the top-k Hessian eigenvalues and eigenvectors of the probe loss.
+
+    Args:
+        k: number of top eigenpairs (>= 1).
+        every_n_steps: measure after every ``every_n_steps`` optimizer steps (default 100).
+        probe_size: examples in the fixed probe set drawn from the train dataloader at fit start.
+        tol: relative accuracy of the eigenvalues: Lanczos stops when every Ritz residual is at most
+            ``tol * |eigenvalue|`` (a bound on the eigenvalue error), > 0.
+        max_iter: cap on Lanczos steps (Hessian-vector products) per measurement; default ``max(60, 10 k)``.
+        trace: also log ``hessian/trace`` (Hutch++ with ``trace_samples`` Hessian-vector products).
+        density: also log the spectral density (a picture: W&B image or a PNG file beside the logs).
+        bn_mode: ``"train"`` (default: BatchNorm with probe-batch statistics, the loss the optimizer sees) or
+            ``"eval"`` (running statistics, PyHessian's convention). The two can differ several-fold.
+        **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``measure_at_start``, ``every_n_epochs``; see
+            :class:`hildtools.callbacks._monitor.Monitor`.
+
+    Raises:
+        ValueError: ``k < 1``, ``tol <= 0``, ``max_iter < k``, ``trace_samples < 3`` or an invalid shared argument.
+
+    Example::
+
+        trainer = Trainer(callbacks=[HessianEigenMonitor(k=5, every_n_steps=200)])
+    """
+
+    namespace = "hessian"
+
+    def __init__(
+        self,
+        k: int = 5,
+        *,
+        every_n_steps: int | None = 100,
+        probe_size: int = 256,
+        tol: float = 1e-3,
+        max_iter: int | None = None,
+        trace: bool = False,
+        trace_samples: int = 30,
+        density: bool = False,
+        bn_mode: str = "train",
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if isinstance(trace_samples, bool) or not isinstance(trace_samples, int) or trace_samples < 3:
+            raise ValueError(f"trace_samples must be an integer >= 3, got {trace_samples!r}")
+        max_iter = max(60, 10 * k) if max_iter is None else max_iter
+        super().__init__(
+            every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, min_iter=k,
+            bn_mode=bn_mode, **kwargs,
+        )
+        self.k = k
+        self.trace = trace
+        self.trace_samples = trace_samples
+        self.density = density
+        self.vectors = None
+        self.init_vectors = None
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
+        result = self.guarded(
+            hessian_eigenpairs, module, self.probe.loss, batch, k=self.k, tol=self.tol, max_iter=self.max_iter,
+            init=self.vectors, seed=self.last_step,
+        )
+        values, vectors = result.eigenvalues, result.eigenvectors
+        metrics = {f"eig_{i}": value for i, value in enumerate(values)}
+        metrics["num_hvp"] = result.num_hvp
+        if self.vectors is not None and self.vectors.shape == vectors.shape:
+            metrics["overlap_prev"] = subspace_overlap(vectors, self.vectors)
+        if self.init_vectors is None:
+            self.init_vectors = vectors
+        metrics["overlap_init"] = subspace_overlap(vectors, self.init_vectors)
+        self.vectors = vectors
+        if self.trace:
+            estimate = self.guarded(hessian_trace, module, self.probe.loss, batch, num_samples=self.trace_samples,
+                                    seed=self.last_step)
+            metrics["trace"] = estimate.estimate
+        if self.density:
+            self.log_density(trainer, module, batch)
+        return metrics
+
+    def log_density(self, trainer: pl.Trainer, module: Any, batch: Any) -> None:
+        density = self.guarded(spectral_density, module, self.probe.loss, batch, seed=self.last_step)
+        figure_axes = new_figure(figsize=(5, 3))
+        if figure_axes is None:
+            return
+        figure, axes = figure_axes
+        grid, values = density.smooth()
+        axes.semilogy(grid.cpu(), values.cpu().clamp_min(1e-12))
+        axes.set(xlabel="eigenvalue", ylabel="density", title=f"Hessian spectrum, step {trainer.global_step}")
+        log_figure(trainer, "hessian/density", figure)
+
+    def extra_state_dict(self) -> dict:
+        return {
+            "vectors": None if self.vectors is None else self.vectors.cpu(),
+            "init_vectors": None if self.init_vectors is None else self.init_vectors.cpu(),
+        }
+
+    def load_extra_state_dict(self, state: dict) -> None:
+        self.vectors = state.get("vectors")
+        self.init_vectors = state.get("init_vectors")

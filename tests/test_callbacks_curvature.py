@@ -1,0 +1,232 @@
+"""HessianEigenMonitor and EdgeOfStabilityMonitor: values against the dense Hessian, thresholds, edge of stability
+reproduced, no side effects, resume state, bad input, skipped NaN measurements, clear setup errors."""
+
+import math
+import os
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+from hildtools.callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+
+class Regression(pl.LightningModule):
+    def __init__(self, optimizer="sgd", lr=0.05, bn=False):
+        super().__init__()
+        torch.manual_seed(0)
+        layers = [nn.Linear(6, 12)] + ([nn.BatchNorm1d(12)] if bn else []) + [nn.Tanh(), nn.Linear(12, 3)]
+        self.net = nn.Sequential(*layers)
+        self.optimizer, self.lr = optimizer, lr
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        momentum = 0.9 if self.optimizer == "momentum" else 0.0
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=momentum)
+
+
+def data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def fit(module, callbacks, steps=8, **kwargs):
+    trainer = pl.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    trainer.fit(module, DataLoader(data(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    return trainer
+
+
+def dense_eigenvalues(module, batch, bn_train=False):
+    """Eigenvalues (descending) of the dense fp64 Hessian of the probe loss at the module's current weights."""
+    model = module.net.double()
+    model.eval()
+    if bn_train:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.train()
+                m.track_running_stats = False
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    x, y = batch[0].double(), batch[1]
+
+    def loss(theta):
+        params, i = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = theta[i:i + math.prod(shape)].view(shape)
+            i += math.prod(shape)
+        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    hessian = torch.autograd.functional.hessian(loss, flat)
+    return torch.linalg.eigvalsh(hessian).flip(0)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_hessian_monitor_matches_dense_hessian(bn):
+    module = Regression(bn=bn)
+    monitor = HessianEigenMonitor(k=3, every_n_steps=4, probe_size=48, tol=1e-6, trace=True, trace_samples=200)
+    fit(module, [monitor], steps=8)
+    exact = dense_eigenvalues(module, monitor.probe.batch, bn_train=bn)
+    measured = torch.tensor([monitor.last_metrics[f"hessian/eig_{i}"] for i in range(3)], dtype=torch.float64)
+    assert torch.allclose(measured, exact[:3], rtol=1e-4)
+    assert 0 <= monitor.last_metrics["hessian/overlap_prev"] <= 1 + 1e-6
+    assert 0 <= monitor.last_metrics["hessian/overlap_init"] <= 1 + 1e-6
+    assert monitor.last_metrics["hessian/trace"] == pytest.approx(float(exact.sum()), rel=0.25)
+
+
+def test_monitors_leave_training_bitwise_identical():
+    plain = Regression(bn=True)
+    fit(plain, [], steps=10)
+    probed = Regression(bn=True)
+    monitors = [HessianEigenMonitor(k=2, every_n_steps=3, probe_size=32, trace=True),
+                EdgeOfStabilityMonitor(every_n_steps=2, probe_size=32)]
+    fit(probed, monitors, steps=10)
+    for a, b in zip(plain.state_dict().values(), probed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(m.last_metrics for m in monitors)
+
+
+@pytest.mark.parametrize("optimizer, factor", [("sgd", 2.0), ("momentum", 3.8), ("adam", 38.0)])
+def test_eos_monitor_threshold_per_optimizer(optimizer, factor):
+    lr = 0.01
+    monitor = EdgeOfStabilityMonitor(every_n_steps=4, probe_size=32)
+    fit(Regression(optimizer, lr), [monitor], steps=8)
+    metrics = monitor.last_metrics
+    assert metrics["eos/threshold"] == pytest.approx(factor / lr)
+    assert metrics["eos/ratio"] == pytest.approx(metrics["eos/sharpness"] / metrics["eos/threshold"])
+    assert metrics["eos/at_edge"] == float(metrics["eos/ratio"] >= 0.9)
+
+
+def test_edge_of_stability_reproduced_on_digits(tmp_path):
+    """Full-batch GD on a tanh MLP over digits: sharpness rises to 2/lr and hovers there (Cohen et al. 2021)."""
+    from edge_of_stability import run, verdict
+
+    rows = run("gd", lr=0.2, steps=400, n=400, width=32, every_n_steps=10, out=str(tmp_path))
+    _, median_ratio, _ = verdict(rows)
+    early = rows[0][2] / rows[0][3]
+    assert early < 0.75  # sharpness starts well below the threshold (progressive sharpening) ...
+    assert 0.85 <= median_ratio <= 1.15  # ... and then hovers at 2/lr
+
+
+def test_resume_state_round_trips_with_weights_only(tmp_path):
+    monitor = HessianEigenMonitor(k=2, every_n_steps=4, probe_size=32)
+    fit(Regression(), [monitor], steps=8)
+    path = tmp_path / "state.pt"
+    torch.save(monitor.state_dict(), path)
+    restored = HessianEigenMonitor(k=2, every_n_steps=4, probe_size=32)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(restored.vectors, monitor.vectors.cpu())
+    assert torch.equal(restored.init_vectors, monitor.init_vectors.cpu())
+    assert restored.last_step == 8
+
+
+def test_nan_probe_loss_skips_with_a_warning():
+    def nan_loss(module, batch):
+        return module.net(batch[0]).sum() * float("nan")
+
+    monitor = EdgeOfStabilityMonitor(every_n_steps=4, probe_size=16, loss_fn=nan_loss)
+    with pytest.warns(UserWarning, match="skipped"):
+        fit(Regression(), [monitor], steps=4)
+    assert monitor.last_metrics == {}
+
+
+def test_unknown_optimizer_fails_at_fit_start():
+    class Rprop(Regression):
+        def configure_optimizers(self):
+            return torch.optim.Rprop(self.parameters())
+
+    with pytest.raises(ValueError, match="Rprop"):
+        fit(Rprop(), [EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)], steps=2)
+
+
+class TanhGradWithoutDerivative(torch.autograd.Function):
+    """Stands in for a fused kernel whose backward has no derivative (e.g. flash attention on GPU)."""
+
+    @staticmethod
+    def forward(ctx, grad, x):
+        ctx.save_for_backward(x)
+        return grad * (1 - x.tanh() ** 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("the derivative for 'tanh_grad_fused' is not implemented.")
+
+
+class FusedTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.tanh()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return TanhGradWithoutDerivative.apply(grad, x)
+
+
+def test_model_without_double_backward_fails_at_fit_start():
+    class Fused(Regression):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net[2](FusedTanh.apply(self.net[0](x))), y)
+
+    with pytest.raises(RuntimeError, match="double backward.*sdpa_kernel"):
+        fit(Fused(), [HessianEigenMonitor(k=1, every_n_steps=2, probe_size=16)], steps=2)
+
+
+def test_sharded_strategy_is_refused_in_setup():
+    monitor = HessianEigenMonitor(k=1, every_n_steps=2)
+
+    class FSDPStrategy:  # stands in for Lightning's: the check is by strategy class name
+        pass
+
+    trainer = type("T", (), {"strategy": FSDPStrategy()})()
+    with pytest.raises(RuntimeError, match="FSDPStrategy.*ddp"):
+        monitor.setup(trainer, None, "fit")
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"k": 0}, "k"), ({"tol": 0}, "tol"), ({"tol": -1e-3}, "tol"), ({"every_n_steps": 0}, "every_n_steps"),
+     ({"max_iter": 1, "k": 3}, "max_iter"), ({"trace_samples": 1}, "trace_samples"), ({"bn_mode": "x"}, "bn_mode"),
+     ({"probe_size": 0}, "probe_size")],
+)
+def test_hessian_monitor_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        HessianEigenMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"edge_ratio": 0}, "edge_ratio"), ({"edge_ratio": 3}, "edge_ratio"), ({"optimizer_index": -1}, "optimizer_index"),
+     ({"tol": float("nan")}, "tol"), ({"max_iter": 0}, "max_iter")],
+)
+def test_eos_monitor_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        EdgeOfStabilityMonitor(**kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_monitors_on_cuda(precision):
+    module = Regression(bn=True)
+    monitors = [HessianEigenMonitor(k=2, every_n_steps=4, probe_size=32, tol=1e-5),
+                EdgeOfStabilityMonitor(every_n_steps=4, probe_size=32)]
+    fit(module, monitors, steps=8, accelerator="gpu", devices=1, precision=precision)
+    exact = dense_eigenvalues(module.cpu(), [t.cpu() for t in monitors[0].probe.batch], bn_train=True)
+    assert monitors[0].last_metrics["hessian/eig_0"] == pytest.approx(float(exact[0]), rel=1e-3)
+    assert math.isfinite(monitors[1].last_metrics["eos/sharpness"])
