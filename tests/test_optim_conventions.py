@@ -156,12 +156,13 @@ def test_step_leaves_gradients_untouched(name):
     x, y = make_data()
     loss = -(model(x) - y).square().mean()
     loss.backward()
-    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    with_grad = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.clone() for p in with_grad]
     if isinstance(opt, NGN):
         opt.step(loss=loss)
     else:
         opt.step()
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, [p for p in model.parameters() if p.grad is not None]))
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, with_grad, strict=True))
 
 
 @pytest.mark.parametrize("device", DEVICES)

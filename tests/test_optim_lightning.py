@@ -200,7 +200,8 @@ def test_lightning_cli_sam_with_a_nested_base_optimizer_in_yaml(tmp_path, monkey
     config = tmp_path / "sam.yaml"
     config.write_text(SAM_YAML)
     opt = run_cli([f"--config={config}"], tmp_path, monkeypatch)
-    assert type(opt) is SAM and type(opt.base_optimizer) is torch.optim.SGD
+    assert type(opt) is SAM
+    assert type(opt.base_optimizer) is torch.optim.SGD
     group = opt.param_groups[0]
     assert (group["rho"], group["adaptive"], group["lr"], group["momentum"]) == (0.1, True, 0.3, 0.9)
     assert opt.state_dict()["state"][0].keys() == {"momentum_buffer"}  # the base momentum, checkpointed

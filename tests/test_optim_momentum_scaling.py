@@ -9,7 +9,10 @@ from hildtools.optimizers.momentum_scaling import momentum_constant
 
 def params(seed=0):
     torch.manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(6, dtype=torch.float64)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]
+    return [
+        torch.nn.Parameter(torch.randn(6, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(3, dtype=torch.float64)),
+    ]
 
 
 def quadratic_grads(ps, step):

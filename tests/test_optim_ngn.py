@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hildtools.optimizers import NGN
-from hildtools.optimizers.ngn import ngn_step_size
+from hildtools.optimizers.ngn import ngn, ngn_step_size
 
 
 def quadratic(seed=0, n=6):
@@ -40,7 +40,10 @@ def test_matches_the_closed_form_on_a_quadratic(momentum, weight_decay, foreach)
         if weight_decay == 0:
             f, g = 0.5 * heavy_ball @ hessian @ heavy_ball, hessian @ heavy_ball
             gamma = 0.7 / (1 + 0.7 * (g @ g) / (2 * f))
-            heavy_ball, previous = heavy_ball - (1 - momentum) * gamma * g + momentum * (heavy_ball - previous), heavy_ball
+            heavy_ball, previous = (
+                heavy_ball - (1 - momentum) * gamma * g + momentum * (heavy_ball - previous),
+                heavy_ball,
+            )
             torch.testing.assert_close(x.detach(), heavy_ball, rtol=0, atol=1e-13)
 
 
@@ -51,14 +54,16 @@ def test_gamma_never_exceeds_sigma_and_tends_to_the_polyak_step():
     for sigma in (1e-3, 0.1, 1.0, 30.0):
         for f, s in zip(losses, sq_norms, strict=True):
             gamma, ok = ngn_step_size(f, s, sigma)
-            assert ok and 0 < gamma <= sigma
+            assert ok
+            assert 0 < gamma <= sigma
     gamma, _ = ngn_step_size(torch.tensor(2.0, dtype=torch.float64), torch.tensor(8.0, dtype=torch.float64), 1e12)
     torch.testing.assert_close(gamma, torch.tensor(2 * 2.0 / 8.0, dtype=torch.float64))
 
 
 def test_zero_loss_takes_no_step():
     gamma, ok = ngn_step_size(torch.tensor(0.0), torch.tensor(0.0), 1.0)
-    assert ok and gamma == 0
+    assert ok
+    assert gamma == 0
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.ones(3)
     NGN([p], lr=1.0).step(loss=0.0)
@@ -105,7 +110,9 @@ def test_gamma_is_a_tensor_on_the_parameter_device():
     opt = NGN([p], lr=1.0)
     opt.step(loss=torch.tensor(1.5))
     gamma = opt.param_groups[0]["gamma"]
-    assert isinstance(gamma, torch.Tensor) and gamma.ndim == 0 and gamma.device == p.device
+    assert isinstance(gamma, torch.Tensor)
+    assert gamma.ndim == 0
+    assert gamma.device == p.device
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -139,6 +146,53 @@ def test_non_finite_loss_skips_the_step_with_a_warning(bad, foreach):
         warnings.simplefilter("error")
         opt.step(loss=1.0)  # training goes on, no further warning
     assert not torch.equal(p.detach(), before)
+
+
+@pytest.mark.gpu
+def test_cuda_skips_without_blocking_and_reports_at_a_later_step():
+    p = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    opt = NGN([p], lr=1.0, momentum=0.9)
+    p.grad = torch.ones(3, device="cuda")
+    opt.step(loss=torch.tensor(1.0, device="cuda"))
+    before = p.detach().clone()
+    p.grad = torch.tensor([float("nan"), 1.0, 1.0], device="cuda")
+    opt.step(loss=torch.tensor(float("nan"), device="cuda"))
+    assert torch.equal(p.detach(), before)
+    torch.cuda.synchronize()
+    p.grad = torch.ones(3, device="cuda")
+    with pytest.warns(UserWarning, match="NaN/inf"):
+        opt.step(loss=torch.tensor(1.0, device="cuda"))
+    torch.cuda.synchronize()
+    opt.step(loss=torch.tensor(-1.0, device="cuda"))
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="non-negative"):
+        opt.step(loss=torch.tensor(1.0, device="cuda"))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.1), (0.9, 0.1)])
+def test_device_masked_update_equals_the_host_decided_one_and_skips_exactly(momentum, weight_decay, foreach):
+    """The masked path (what runs on accelerators) against the host-decided path (what runs on CPU)."""
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    grads = [torch.randn_like(t) for t in start]
+    gamma = torch.tensor(0.3, dtype=torch.float64)
+    results = []
+    for ok in (None, torch.tensor(True)):
+        params, buffers = [t.clone() for t in start], [torch.ones_like(t) for t in start]
+        kwargs = {"momentum": momentum, "weight_decay": weight_decay, "maximize": False, "foreach": foreach}
+        ngn(params, grads, buffers if momentum else [], gamma=gamma, ok=ok, **kwargs)
+        results.append(params + buffers)
+    for a, b in zip(*results, strict=True):  # fused multiply-add there, multiply then add here: rounding only
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+    params, buffers = [t.clone() for t in start], [torch.ones_like(t) for t in start]
+    bad = [torch.full_like(t, float("nan")) for t in grads]
+    bad[1][0] = float("inf")
+    ngn(params, bad, buffers if momentum else [], gamma=torch.tensor(0.0, dtype=torch.float64),
+        ok=torch.tensor(False), **kwargs)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(params, start, strict=True))
+    assert all(torch.equal(b, torch.ones_like(b)) for b in buffers)
 
 
 @pytest.mark.parametrize(

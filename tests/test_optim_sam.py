@@ -125,10 +125,12 @@ def test_state_dict_holds_the_base_momentum_and_no_weight_copy():
     state = opt.state_dict()
     assert [set(s) for s in state["state"].values()] == [{"momentum_buffer"}] * 4
     assert opt.base_optimizer.state is opt.state
-    assert state["param_groups"][0]["rho"] == 0.05 and state["param_groups"][0]["momentum"] == 0.9
+    assert state["param_groups"][0]["rho"] == 0.05
+    assert state["param_groups"][0]["momentum"] == 0.9
     fresh = SAM(mlp().parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     fresh.load_state_dict(state)
-    assert fresh.base_optimizer.state is fresh.state and fresh.base_optimizer.param_groups is fresh.param_groups
+    assert fresh.base_optimizer.state is fresh.state
+    assert fresh.base_optimizer.param_groups is fresh.param_groups
     assert len(fresh.base_optimizer.state) == 4
 
 
@@ -152,7 +154,11 @@ class BNNet(torch.nn.Module):
     def __init__(self, bn_momentum):
         super().__init__()
         torch.manual_seed(0)
-        self.fc, self.bn, self.out = torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6, momentum=bn_momentum), torch.nn.Linear(6, 2)
+        self.fc, self.bn, self.out = (
+            torch.nn.Linear(5, 6),
+            torch.nn.BatchNorm1d(6, momentum=bn_momentum),
+            torch.nn.Linear(6, 2),
+        )
 
     def forward(self, x):
         return self.out(torch.relu(self.bn(self.fc(x))))
@@ -179,7 +185,8 @@ def test_frozen_norm_stats_keeps_the_mode_and_restores_the_buffers():
     before = {k: v.clone() for k, v in model.bn.state_dict().items()}
     with frozen_norm_stats(model):
         model(batch(0, torch.float32)[0])
-        assert model.training and model.bn.num_batches_tracked == 1
+        assert model.training
+        assert model.bn.num_batches_tracked == 1
     assert all(torch.equal(v, model.bn.state_dict()[k]) for k, v in before.items())
 
 

@@ -73,6 +73,12 @@ def params_with_grad(group: dict) -> tuple[list[Tensor], list[Tensor]]:
     return params, grads
 
 
+def groups_with_grad(param_groups: list[dict]) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
+    """``(group, params, grads)`` for every param group with at least one gradient."""
+    groups = [(group, *params_with_grad(group)) for group in param_groups]
+    return [(group, params, grads) for group, params, grads in groups if params]
+
+
 def by_device_and_dtype(*tensor_lists: list[Tensor]) -> Iterator[list[list[Tensor]]]:
     """Yield the aligned ``tensor_lists`` split into groups of one device and dtype (as foreach kernels need)."""
     grouped = Optimizer._group_tensors_by_device_and_dtype(list(tensor_lists))

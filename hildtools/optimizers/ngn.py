@@ -17,8 +17,8 @@ from hildtools.optimizers._common import (
     check_beta,
     check_flag,
     check_number,
+    groups_with_grad,
     keep_if,
-    params_with_grad,
     squared_norm,
     use_foreach,
 )
@@ -55,10 +55,11 @@ class NGN(Optimizer):
 
     ``step`` never synchronises with the device: gamma stays a 0-dim device tensor, readable as
     ``param_group["gamma"]`` after each step (for logging). A step with a NaN/inf loss or gradient
-    is skipped on the device (parameters and buffers untouched) and reported with a warning; a
-    negative loss is skipped the same way and raises ``ValueError``. On CPU the report comes at the
-    end of that step; on CUDA it is read without blocking, so it comes at the first later ``step``
-    call that finds the copy done (usually the next one).
+    is skipped (parameters and buffers untouched) and reported with a warning; a negative loss is
+    skipped the same way and raises ``ValueError``. On CPU the check is a host read (free) and the
+    report comes at the end of that step. On accelerators the step is masked on the device and the
+    flags are copied back without blocking, so the report comes at the first later ``step`` call
+    that finds the copy done (usually the next one).
 
     Args:
         params: iterable of parameters or param groups.
@@ -139,7 +140,7 @@ class NGN(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = returned = closure()
-        groups = [(group, *params_with_grad(group)) for group in self.param_groups]
+        groups = groups_with_grad(self.param_groups)
         all_grads = [g for _, _, grads in groups for g in grads]
         if not all_grads:
             return returned
@@ -152,6 +153,10 @@ class NGN(Optimizer):
             gamma, ok = ngn_step_size(objective, sq_norm, group["lr"])
             self._report.record(objective, sq_norm)
             group["gamma"] = gamma
+            if ok.device.type == "cpu":  # the flag is host memory: decide here, nothing to mask
+                if not ok:
+                    continue
+                ok = None
             buffers = []
             if group["momentum"] != 0:
                 for p in params:
@@ -198,18 +203,27 @@ def ngn(
     momentum_buffers: list[Tensor],
     *,
     gamma: Tensor,
-    ok: Tensor,
+    ok: Tensor | None,
     momentum: float,
     weight_decay: float,
     maximize: bool,
     foreach: bool | None = None,
 ) -> None:
-    """Functional NGN / NGN-M update with a given step size, in place; a no-op where ``ok`` is false."""
+    """Functional NGN / NGN-M update with a given step size, in place.
+
+    ``ok`` is a 0-dim bool tensor, and the update is masked on the device where it is false (no
+    host sync): the gradient term is zeroed bit-wise (NaN/inf gradients included) and the buffer
+    decay and parameter update are gated, so nothing changes. ``ok=None`` means the step is known
+    to be valid (NGN decides on the host when the flag is in CPU memory) and skips the masking.
+    """
     if not params:
         return
-    # Descent along -g (ascent along +g with maximize); NGN-M puts (1 - b) gamma inside the buffer.
-    grad_scale = (1 - momentum) * gamma if maximize else -(1 - momentum) * gamma
-    buffer_decay = torch.where(ok, gamma.new_full((), momentum), gamma.new_ones(()))
+    # The gradient term goes into the parameters (plain NGN) or, as (1 - b) gamma g, into the buffer (NGN-M).
+    descent = 1.0 if maximize else -1.0
+    grad_scale = descent * gamma if momentum == 0 else -descent * (1 - momentum) * gamma
+    buffer_decay = gamma.new_full((), momentum)
+    if ok is not None:
+        buffer_decay = torch.where(ok, buffer_decay, gamma.new_ones(()))
     step_fn = _multi_tensor_ngn if use_foreach(foreach, params) else _single_tensor_ngn
     step_fn(
         params,
@@ -227,30 +241,39 @@ def ngn(
 def _single_tensor_ngn(params, grads, buffers, *, gamma, ok, grad_scale, buffer_decay, momentum, weight_decay):
     for param, grad, buf in zip(params, grads, buffers, strict=True):
         device = param.device
-        step = grad.mul(grad_scale.to(device))
-        keep_if(ok, [step])
         if weight_decay != 0:
             param.mul_(1 - gamma.to(device) * weight_decay)
-        if momentum == 0:
-            param.add_(step)
+        target = param if momentum == 0 else buf.mul_(buffer_decay.to(device))
+        if ok is None:
+            target.addcmul_(grad, grad_scale.to(device))
         else:
-            buf.mul_(buffer_decay.to(device)).sub_(step)
-            param.addcmul_(buf, ok.to(device, gamma.dtype), value=-1)  # p -= v, or nothing when skipped
+            step = grad.mul(grad_scale.to(device))
+            keep_if(ok, [step])
+            target.add_(step)
+        if momentum != 0:
+            if ok is None:
+                param.sub_(buf)
+            else:
+                param.addcmul_(buf, ok.to(device, gamma.dtype), value=-1)
 
 
 def _multi_tensor_ngn(params, grads, buffers, *, gamma, ok, grad_scale, buffer_decay, momentum, weight_decay):
     for device_params, device_grads, device_buffers in by_device_and_dtype(params, grads, buffers):
         device = device_params[0].device
-        steps = torch._foreach_mul(device_grads, grad_scale.to(device))
-        keep_if(ok, steps)
         if weight_decay != 0:
             torch._foreach_mul_(device_params, 1 - gamma.to(device) * weight_decay)
+        steps = torch._foreach_mul(device_grads, grad_scale.to(device))
+        if ok is not None:
+            keep_if(ok, steps)
         if momentum == 0:
             torch._foreach_add_(device_params, steps)
-        else:
-            torch._foreach_mul_(device_buffers, buffer_decay.to(device))
-            torch._foreach_sub_(device_buffers, steps)
+            continue
+        torch._foreach_mul_(device_buffers, buffer_decay.to(device))
+        torch._foreach_add_(device_buffers, steps)
+        if ok is not None:
             torch._foreach_sub_(device_params, torch._foreach_mul(device_buffers, ok.to(device, gamma.dtype)))
+        else:
+            torch._foreach_sub_(device_params, device_buffers)
 
 
 def _as_scalar_tensor(loss: Tensor | float, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -17,7 +17,7 @@ from hildtools.optimizers._common import (
     by_device_and_dtype,
     check_flag,
     check_number,
-    params_with_grad,
+    groups_with_grad,
     squared_norm,
     use_foreach,
 )
@@ -195,8 +195,7 @@ class SAM(Optimizer):
         """
         if self._perturbed is not None:
             raise RuntimeError("first_step was called twice; call second_step before the next first_step")
-        groups = [(group, *params_with_grad(group)) for group in self.param_groups]
-        groups = [(group, params, grads) for group, params, grads in groups if params]
+        groups = groups_with_grad(self.param_groups)
         params = [p for _, group_params, _ in groups for p in group_params]
         backups = [self._backup_for(p) for p in params]
         self._perturbed = (params, backups)
@@ -236,7 +235,12 @@ class SAM(Optimizer):
     def _backup_for(self, param: Tensor) -> Tensor:
         # One persistent buffer per parameter, outside `state` (transient, never checkpointed).
         backup = self._backups.get(param)
-        if backup is None or backup.shape != param.shape or backup.dtype != param.dtype or backup.device != param.device:
+        if (
+            backup is None
+            or backup.shape != param.shape
+            or backup.dtype != param.dtype
+            or backup.device != param.device
+        ):
             backup = self._backups[param] = torch.empty_like(param, memory_format=torch.preserve_format)
         return backup
 
