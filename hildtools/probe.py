@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from hildtools.distributed import all_reduce_mean  # noqa: F401  (re-exported for monitors)
+from hildtools.distributed import all_reduce_mean, is_distributed  # noqa: F401  (all_reduce_mean: for monitors)
 
 BN_MODES = ("eval", "train")
 
@@ -215,15 +215,31 @@ class Probe:
         self._unpack = unpack or default_unpack
         self.bn_mode = bn_mode
         self.batch: Any = None
+        self.rank_weight: float | None = None
 
     def prepare(self, trainer: Any = None, module: nn.Module | None = None) -> Any:
-        """Fix the probe batch (once) and move it to the module's device. Returns it."""
+        """Fix the probe batch (once) and move it to the module's device. Returns it.
+
+        Under torch.distributed, call it on every rank: the first call agrees on the ranks' probe sizes.
+        """
         if self.batch is None:
             self.batch = self._draw(trainer)
+        device = module_device(module) if module is not None else torch.device("cpu")
         if module is not None:
-            device = module_device(module)
             self.batch = map_tensors(lambda t: t.to(device), self.batch)
+        if self.rank_weight is None:
+            self.rank_weight = self._rank_weight(device)
         return self.batch
+
+    def _rank_weight(self, device: torch.device) -> float:
+        """``W n_r / sum_s n_s``: scaling rank r's mean loss by it makes the mean over the W ranks of the scaled
+        losses (what all-reduced diagnostics compute) the mean loss over the union of the probe sets."""
+        if not is_distributed():
+            return 1.0
+        count = torch.tensor([float(batch_size(self.batch))], device=device)  # on the device NCCL needs
+        total = count.clone()
+        torch.distributed.all_reduce(total)
+        return float(torch.distributed.get_world_size() * count / total)
 
     def _draw(self, trainer: Any) -> Any:
         data = self.data
@@ -243,11 +259,13 @@ class Probe:
         return self._unpack(batch)
 
     def loss(self, module: nn.Module, batch: Any) -> Tensor:
-        """The probe loss as an fp32 (or fp64) scalar."""
+        """The probe loss as an fp32 (or fp64) scalar; under DDP weighted by this rank's share of the probe
+        examples (see :meth:`_rank_weight`), so rank averages equal the union's mean loss."""
         loss = self.loss_fn(module, batch) if self.loss_fn is not None else training_step_loss(module, batch)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
-        return loss.reshape(()) if loss.dtype == torch.float64 else loss.reshape(()).float()
+        loss = loss.reshape(()) if loss.dtype == torch.float64 else loss.reshape(()).float()
+        return loss if self.rank_weight in (None, 1.0) else loss * self.rank_weight
 
     @contextlib.contextmanager
     def session(self, module: nn.Module) -> Iterator[nn.Module]:

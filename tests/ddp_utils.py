@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,9 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, port, fn, args, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # The variables also tell Lightning the processes are launched externally (it then joins this process group).
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      NODE_RANK="0", WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -28,9 +31,18 @@ def _worker(rank, world_size, port, fn, args, out_dir):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, *args, world_size: int = 2) -> list:
-    """``fn(rank, world_size, *args)`` on every rank (``fn`` must be a module-level function); returns the results."""
+def run_ranks(fn, *args, world_size: int = 2, timeout: float = 300) -> list:
+    """``fn(rank, world_size, *args)`` on every rank (``fn`` must be a module-level function); returns the results.
+
+    A hang (a collective some rank never joins) fails after ``timeout`` seconds instead of blocking the suite.
+    """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
-                           join=True, start_method="fork")
+        context = mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
+                                     join=False, start_method="fork")
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"ranks still running after {timeout} s: a collective hangs")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
