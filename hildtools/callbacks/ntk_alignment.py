@@ -14,7 +14,8 @@ K_0 in the callback state, so a resumed run continues the same curves. Logged un
 - ``init_alignment``: ``<K_t, K_0>_F / (||K_t||_F ||K_0||_F)``; ``relative_change``: ``||K_t - K_0||_F / ||K_0||_F``;
 - ``trace``: ``tr(K_t)`` (the kernel's scale); ``effective_rank``: exp(entropy) of K_t's normalised eigenvalues.
 
-With W&B (or ``figures=True``): the kernel's eigenvalues, normalised by the largest, as a picture. A kernel with
+The latest kernel is kept as ``last_kernel`` (fp64, on the model's device). With W&B (or ``figures=True``): the
+kernel's eigenvalues, normalised by the largest, as a picture. A kernel with
 NaN/inf entries skips the measurement with a warning. Conventions: :mod:`hildtools.metrics.ntk` and
 :mod:`hildtools.metrics.kernel`.
 """
@@ -101,6 +102,7 @@ class NTKAlignmentMonitor(Monitor):
         self.params = None if params is None else list(params)
         self.figures = figures
         self.initial_kernel: Tensor | None = None
+        self.last_kernel: Tensor | None = None
         self._warned_targets = False
 
     def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -120,6 +122,7 @@ class NTKAlignmentMonitor(Monitor):
         kernel = empirical_ntk(module, inputs, params=self.params, distributed=True, **self.ntk_options)
         if not torch.isfinite(kernel).all():  # identical on every rank after the all-reduce
             raise SkipMeasurement("the NTK contains NaN/inf")
+        self.last_kernel = kernel
         if self.initial_kernel is None:
             self.initial_kernel = kernel.clone()
         initial = self.initial_kernel.to(kernel.device)
