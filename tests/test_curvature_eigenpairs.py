@@ -17,7 +17,8 @@ from test_curvature_reference import (
 )
 from torch import nn
 
-from hildtools.curvature import NonFiniteLossError, hessian_eigenpairs, lanczos, subspace_overlap
+from hildtools.curvature import NonFiniteLossError, hessian_eigenpairs, subspace_overlap
+from hildtools.curvature.lanczos import lanczos
 
 
 def exact_top(hessian, k):

@@ -210,3 +210,28 @@ def test_products_are_averaged_over_ranks():
     (first, expected), (second, _) = run_ranks(_distributed_product, world_size=2)
     assert torch.equal(first, second)
     assert torch.allclose(first, expected, rtol=1e-10, atol=1e-12)
+
+
+class TiedEmbedding(nn.Module):
+    """Input embedding and output layer share one weight (as in language models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.embed(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_tied_weights_count_once(dtype):
+    torch.manual_seed(0)
+    model = TiedEmbedding().double()
+    batch = (torch.randint(0, 7, (10, 3)), torch.randint(0, 7, (10,)))
+    hessian = dense_hessian(model, cross_entropy, batch)
+    operator = HessianOperator(model.to(dtype), cross_entropy, batch)
+    v = torch.randn(operator.size, dtype=torch.float64)
+    assert operator.size == 28
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-2  # bf16 weights differ from the fp64 reference
+    assert (operator.matvec(v).double() - hessian @ v).norm() <= tolerance * (hessian @ v).norm()

@@ -10,7 +10,7 @@ train/eval modes decide BatchNorm and dropout), and nothing about it changes.
 from hildtools.curvature.density import SpectralDensity, spectral_density
 from hildtools.curvature.eigenpairs import hessian_eigenpairs
 from hildtools.curvature.hvp import HessianOperator, NonFiniteLossError
-from hildtools.curvature.lanczos import Eigenpairs, lanczos
+from hildtools.curvature.lanczos import Eigenpairs
 from hildtools.curvature.subspace import subspace_overlap
 from hildtools.curvature.thresholds import adam_preconditioner, stability_threshold
 from hildtools.curvature.trace import TraceEstimate, hessian_trace
@@ -24,7 +24,6 @@ __all__ = [
     "adam_preconditioner",
     "hessian_eigenpairs",
     "hessian_trace",
-    "lanczos",
     "spectral_density",
     "stability_threshold",
     "subspace_overlap",

@@ -27,10 +27,11 @@ MatVec = Callable[[Tensor], Tensor]
 BASIS_CHUNK = 32
 """Basis vectors per storage block (the basis grows by blocks, never copied)."""
 
-WARM_START_NOISE = 1.0
+WARM_START_NOISE = 0.1
 """Norm of the random part of a warm start vector, relative to the (unit) previous-eigenvector part: it keeps
-every direction present in the start vector, so eigenvectors outside the previous span are found as from a
-cold start (at most one or two extra steps), while the previous directions start far ahead."""
+every direction present in the start vector, so an eigenvector outside the previous span is still found (a few
+steps later than from a cold start), while the previous directions start far ahead."""
+
 
 ROUNDING_FLOOR = 100.0
 """Residuals below ``ROUNDING_FLOOR * eps(dtype) * max|theta|`` count as converged: products carry rounding
