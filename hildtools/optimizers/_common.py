@@ -53,6 +53,31 @@ def check_flag(name: str, value: object, optional: bool = False) -> None:
         raise TypeError(f"{name} must be {kind}, got {value!r}")
 
 
+def check_path_flags(maximize: object, foreach: object, fused: object = None) -> None:
+    """Raise unless ``maximize`` is a bool and ``foreach``/``fused`` are bools or None, not both True."""
+    check_flag("maximize", maximize)
+    check_flag("foreach", foreach, optional=True)
+    check_flag("fused", fused, optional=True)
+    if foreach and fused:
+        raise ValueError("foreach and fused cannot both be True")
+
+
+def evaluate(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """Call ``closure`` with gradients enabled (as torch optimizers do in ``step``); None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def zeros_state(state: dict, params: list[Tensor], key: str) -> list[Tensor]:
+    """The ``key`` buffer of each parameter in the optimizer ``state``, created as zeros on first use."""
+    for p in params:
+        if key not in state[p]:
+            state[p][key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return [state[p][key] for p in params]
+
+
 def use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
     """Resolve ``foreach=None`` the way torch.optim does: multi-tensor kernels on CUDA, per-tensor elsewhere."""
     if foreach is None:

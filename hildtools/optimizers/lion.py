@@ -12,12 +12,14 @@ from torch.optim.optimizer import ParamsT
 from hildtools.optimizers._common import (
     by_device_and_dtype,
     check_betas,
-    check_flag,
     check_number,
+    check_path_flags,
     compiled,
+    evaluate,
     params_with_grad,
     scalar,
     use_foreach,
+    zeros_state,
 )
 
 __all__ = ["Lion", "lion"]
@@ -76,11 +78,7 @@ class Lion(Optimizer):
         check_number("lr", lr)
         check_betas(betas)
         check_number("weight_decay", weight_decay)
-        check_flag("maximize", maximize)
-        check_flag("foreach", foreach, optional=True)
-        check_flag("fused", fused, optional=True)
-        if foreach and fused:
-            raise ValueError("foreach and fused cannot both be True")
+        check_path_flags(maximize, foreach, fused)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -90,13 +88,6 @@ class Lion(Optimizer):
             "fused": fused,
         }
         super().__init__(params, defaults)
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -108,23 +99,14 @@ class Lion(Optimizer):
         Returns:
             The closure's loss, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         for group in self.param_groups:
             params, grads = params_with_grad(group)
-            exp_avgs = []
-            for p in params:
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                exp_avgs.append(state["exp_avg"])
             beta1, beta2 = group["betas"]
             lion(
                 params,
                 grads,
-                exp_avgs,
+                zeros_state(self.state, params, "exp_avg"),
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,

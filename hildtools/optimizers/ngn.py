@@ -15,12 +15,13 @@ from hildtools.optimizers._common import (
     accumulation_dtype,
     by_device_and_dtype,
     check_beta,
-    check_flag,
     check_number,
+    check_path_flags,
     groups_with_grad,
     keep_if,
     squared_norm,
     use_foreach,
+    zeros_state,
 )
 
 __all__ = ["NGN", "ngn", "ngn_step_size"]
@@ -97,8 +98,7 @@ class NGN(Optimizer):
         check_number("lr", lr)
         check_beta("momentum", momentum)
         check_number("weight_decay", weight_decay)
-        check_flag("maximize", maximize)
-        check_flag("foreach", foreach, optional=True)
+        check_path_flags(maximize, foreach)
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -111,10 +111,7 @@ class NGN(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._report = _SkipReport()
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
+        self._report = _SkipReport()  # transient, not pickled
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, *, loss: Tensor | float | None = None):
@@ -157,13 +154,7 @@ class NGN(Optimizer):
                 if not ok:
                     continue
                 ok = None
-            buffers = []
-            if group["momentum"] != 0:
-                for p in params:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    buffers.append(state["momentum_buffer"])
+            buffers = zeros_state(self.state, params, "momentum_buffer") if group["momentum"] != 0 else []
             ngn(
                 params,
                 grads,

@@ -14,10 +14,13 @@ from hildtools.optimizers._common import (
     check_beta,
     check_flag,
     check_number,
+    check_path_flags,
     compiled,
+    evaluate,
     params_with_grad,
     scalar,
     use_foreach,
+    zeros_state,
 )
 
 __all__ = ["Signum", "signum"]
@@ -78,13 +81,9 @@ class Signum(Optimizer):
         check_beta("momentum", momentum)
         check_number("weight_decay", weight_decay)
         check_flag("nesterov", nesterov)
-        check_flag("maximize", maximize)
-        check_flag("foreach", foreach, optional=True)
-        check_flag("fused", fused, optional=True)
+        check_path_flags(maximize, foreach, fused)
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum in (0, 1)")
-        if foreach and fused:
-            raise ValueError("foreach and fused cannot both be True")
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -96,14 +95,6 @@ class Signum(Optimizer):
         }
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform one optimization step.
@@ -114,19 +105,10 @@ class Signum(Optimizer):
         Returns:
             The closure's loss, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate(closure)
         for group in self.param_groups:
             params, grads = params_with_grad(group)
-            buffers = []
-            if group["momentum"] != 0:
-                for p in params:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    buffers.append(state["momentum_buffer"])
+            buffers = zeros_state(self.state, params, "momentum_buffer") if group["momentum"] != 0 else []
             signum(
                 params,
                 grads,
