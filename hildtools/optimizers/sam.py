@@ -300,9 +300,11 @@ def _add_scaled(params: list[Tensor], tensors: list[Tensor], scale: Tensor, fore
 def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
     """Restore the running statistics of every normalization layer of ``model`` on exit.
 
-    Use it around SAM's second forward/backward pass in a manual loop, so BatchNorm (and any
+    Use it around SAM's second forward **and backward** pass in a manual loop, so BatchNorm (and any
     ``_NormBase``: SyncBatchNorm, InstanceNorm with tracking) statistics move once per step. The
-    layers stay in their mode (batch statistics are still used for normalization in training mode).
+    backward must run inside the block: autograd saved the statistics, and restoring them in place
+    before the backward fails its version check. The layers stay in their mode (batch statistics
+    are still used for normalization in training mode).
 
     Args:
         model: the module (or a DDP wrapper around it).
