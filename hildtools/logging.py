@@ -1,8 +1,8 @@
 """Diagnostics to any Lightning logger: scalars to every logger, pictures to W&B or to PNG files.
 
 Scalars go through ``logger.log_metrics`` (CSV, TensorBoard, W&B alike) at Lightning's own row index, so they line
-up with what ``self.log`` writes for the same batch. Pictures (matplotlib figures) become ``wandb.Image`` when a
-``WandbLogger`` is attached and PNG files under ``<log_dir>/figures/`` otherwise. Neither ``wandb`` nor
+up with what ``self.log`` writes for the same batch. Pictures (matplotlib figures) are saved as PNG files under
+``<log_dir>/figures/`` and, when a ``WandbLogger`` is attached, also logged as ``wandb.Image``. Neither ``wandb`` nor
 ``matplotlib`` is required: without matplotlib, :func:`new_figure` returns ``None`` and callers skip the picture.
 """
 
@@ -60,15 +60,15 @@ def figure_dir(trainer: Any) -> str:
 
 
 def log_figure(trainer: Any, key: str, figure: Any, step: int | None = None) -> str | None:
-    """A matplotlib figure to W&B (as an image) or, with other loggers, to ``<log_dir>/figures/<key>_<step>.png``.
+    """A matplotlib figure to ``<log_dir>/figures/<key>_<step>.png`` and, with W&B, to the run as an image.
 
-    Returns the file path when a file was written.
+    Returns the file path (``None`` on ranks other than zero, which write nothing).
     """
     step = log_step(trainer) if step is None else step
-    wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-    for logger in wandb_loggers:
-        logger.log_image(key=key, images=[figure], step=step)
-    if wandb_loggers or not trainer.is_global_zero:
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[figure], step=step)
+    if not trainer.is_global_zero:
         return None
     path = os.path.join(figure_dir(trainer), f"{key.replace('/', '_')}_{step:07d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -61,4 +61,4 @@ def test_wandb_offline_run_holds_scalars_and_images(tmp_path):
     keys = history_keys(run_dir)
     assert {"diag/value", "diag/const", "diag/picture/_type"} <= keys  # an image is a nested record
     assert glob.glob(os.path.join(run_dir, "files", "media", "images", "**", "*.png"), recursive=True)
-    assert callback.path is None  # no file when W&B takes the picture
+    assert os.path.isfile(callback.path)  # the PNG file is kept beside the W&B image
