@@ -1,8 +1,9 @@
-"""Quickstart: a small CNN on scikit-learn's digits with hildtools' monitors attached.
+"""Quickstart: a small CNN on scikit-learn's digits, trained with SAM, with all six hildtools monitors attached.
 
 Runs on the CPU in about a minute (uses the GPU when there is one), logs to Weights & Biases in offline mode when
 wandb is installed (no account, no network; online once you have run `wandb login` and pass --wandb-online),
-otherwise to CSV files, and ends by printing where the run and its figures are.
+otherwise to CSV files, saves the monitors' pictures as PNG files, and ends by printing where the run and its
+figures are.
 
     python examples/quickstart.py            # defaults
     python examples/quickstart.py --help
@@ -19,13 +20,22 @@ from torch import nn
 from torch.nn import functional as F
 
 from digits import digits_loaders
-from hildtools.callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor
+from hildtools.callbacks import (
+    EdgeOfStabilityMonitor,
+    FeatureRankMonitor,
+    HessianEigenMonitor,
+    InvariantSetMonitor,
+    NeuralCollapseMonitor,
+    NTKAlignmentMonitor,
+)
+from hildtools.optimizers import SAM
+from hildtools.optimizers.sam import check_lightning_compat
 
 
 class DigitsCNN(pl.LightningModule):
-    """Conv(1->16)-ReLU-Conv(16->32)-ReLU-pool-Linear(32->64)-ReLU-Linear(64->10), trained with SGD."""
+    """Conv(1->16)-ReLU-Conv(16->32)-ReLU-pool-Linear(32->64)-ReLU-Linear(64->10), trained with SAM over SGD."""
 
-    def __init__(self, lr: float = 0.05, momentum: float = 0.9):
+    def __init__(self, lr: float = 0.05, momentum: float = 0.9, rho: float = 0.05):
         super().__init__()
         self.save_hyperparameters()
         self.features = nn.Sequential(
@@ -50,7 +60,18 @@ class DigitsCNN(pl.LightningModule):
         self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return SAM(self.parameters(), torch.optim.SGD, rho=self.hparams.rho, lr=self.hparams.lr,
+                   momentum=self.hparams.momentum)
+
+    def on_fit_start(self):
+        check_lightning_compat(self.trainer)  # refuses settings SAM cannot run correctly under; hands it the model
+
+
+HEADLINES = [
+    "hessian/eig_0", "hessian/overlap_init", "eos/sharpness", "eos/threshold", "eos/ratio", "ntk/target_alignment",
+    "ntk/relative_change", "nc/classifier/nc1", "nc/features.5/nc1", "rank/classifier/pca_rank",
+    "rank/features.5/pca_rank", "collapse/features.6/independent_fraction",
+]
 
 
 def make_logger(args):
@@ -72,32 +93,45 @@ def main(argv=None):
     parser.add_argument("--out", default="outputs/quickstart", help="folder for logs and figures")
     parser.add_argument("--wandb-online", action="store_true", help="log online (after `wandb login`)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for the tests)")
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.epochs, args.every_n_steps, args.probe_size = 1, 5, 64
 
     pl.seed_everything(args.seed, verbose=False)
     os.makedirs(args.out, exist_ok=True)
     train_loader, val_loader = digits_loaders(args.batch_size, seed=args.seed)
+    every, size = args.every_n_steps, args.probe_size
+    layers = ["features.5", "classifier"]  # an intermediate layer (input of the first Linear) and the last one
     monitors = [
-        HessianEigenMonitor(k=3, every_n_steps=4 * args.every_n_steps, probe_size=args.probe_size, density=True),
-        EdgeOfStabilityMonitor(every_n_steps=args.every_n_steps, probe_size=args.probe_size),
+        HessianEigenMonitor(k=3, every_n_steps=4 * every, probe_size=size, density=True),
+        EdgeOfStabilityMonitor(every_n_steps=every, probe_size=size),
+        NTKAlignmentMonitor(every_n_steps=4 * every, probe_size=min(size, 128), figures=True),
+        NeuralCollapseMonitor(num_classes=10, layers=layers, every_n_epochs=1, probe_size=4 * size, figures=True),
+        FeatureRankMonitor(layers=layers, every_n_epochs=1, probe_size=4 * size, figures=True),
+        InvariantSetMonitor(every_n_epochs=1, figures=True),
     ]
     logger = make_logger(args)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="auto", devices=1, logger=logger, callbacks=list(monitors),
         default_root_dir=args.out, log_every_n_steps=5, enable_checkpointing=False,
+        limit_train_batches=10 if args.tiny else None, limit_val_batches=2 if args.tiny else None,
     )
     trainer.fit(DigitsCNN(args.lr), train_loader, val_loader)
 
-    print("\nLast measurements:")
-    for monitor in monitors:
-        for key, value in monitor.last_metrics.items():
-            print(f"  {key:28s} {value:.4g}")
-    print(f"\nLogs: {trainer.log_dir or args.out}")
+    print("\nLast measurements (all of them are in the logs):")
+    for key in HEADLINES:
+        values = [m.last_metrics[key] for m in monitors if key in m.last_metrics]
+        print(f"  {key:42s} {values[0]:.4g}" if values else f"  {key:42s} (not measured)")
+    print(f"\nFigures (PNG): {os.path.join(trainer.log_dir, 'figures')}")
     if isinstance(logger, pl.loggers.WandbLogger):
-        print(f"W&B offline run: {logger.experiment.dir}\n  view it with: wandb sync {os.path.dirname(logger.experiment.dir)}")
+        run_dir = os.path.dirname(logger.experiment.dir)
         logger.experiment.finish()
+        print(f"W&B run ({'online' if args.wandb_online else 'offline'}): {run_dir}")
+        if not args.wandb_online:
+            print(f"  upload and view it with: wandb sync {run_dir}")
     else:
-        print(f"Figures: {os.path.join(trainer.log_dir, 'figures')}")
+        print(f"CSV logs: {trainer.log_dir}")
 
 
 if __name__ == "__main__":

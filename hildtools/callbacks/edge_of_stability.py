@@ -4,7 +4,9 @@ Under full-batch gradient descent, sharpness (the top Hessian eigenvalue) rises 
 hovers there (Cohen et al. 2021). The threshold depends on the optimizer (read from its param groups, see
 :func:`hildtools.curvature.stability_threshold`): GD 2/lr, heavy ball (2+2b)/lr, Nesterov (2+2b)/((1+2b) lr),
 Adam/AdamW (2+2b1)/((1-b1) lr). For Adam the sharpness is the preconditioned one, lambda_1(P^-1/2 H P^-1/2), with
-P the diagonal Adam divides by (Cohen et al. 2022). Logged under ``eos/``: ``sharpness``, ``threshold``,
+P the diagonal Adam divides by (Cohen et al. 2022). An optimizer wrapping a base one (SAM's ``base_optimizer``) is
+compared against its base optimizer's threshold: SAM's own, lower edge depends on rho and the gradient norm
+(Long & Bartlett 2024), so ``ratio`` then reads "how close to the base optimizer's edge". Logged under ``eos/``: ``sharpness``, ``threshold``,
 ``ratio`` (= sharpness / threshold) and ``at_edge`` (1 when ``ratio >= edge_ratio``, else 0).
 
 Cheap by design: top-1 Lanczos at a loose tolerance, warm-started from the previous top eigenvector.
@@ -79,7 +81,8 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         if self.optimizer_index >= len(optimizers):
             raise ValueError(f"optimizer_index={self.optimizer_index} but the trainer has {len(optimizers)} optimizers")
         optimizer = optimizers[self.optimizer_index]
-        return getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's
+        return getattr(optimizer, "base_optimizer", optimizer)  # SAM: the base optimizer's update rule
 
     def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stability_threshold(self.optimizer(trainer))  # an unsupported optimizer fails here, not mid-run
