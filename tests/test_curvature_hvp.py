@@ -10,7 +10,7 @@ from ddp_utils import run_ranks
 from test_curvature_reference import MODELS, bn_mlp, classification_batch, cross_entropy, dense_hessian, mlp, mse
 from torch import nn
 
-from hildtools.curvature import HessianOperator, NonFiniteLossError
+from hildtools.curvature import HessianOperator, NonFiniteLossError, hessian_eigenpairs
 
 
 @pytest.mark.parametrize("backend", ["autograd", "func"])
@@ -202,14 +202,18 @@ def _distributed_product(rank, world_size):
     shard = slice(rank * 8, rank * 8 + 8)
     operator = HessianOperator(model, mse, (x[shard], y[shard]))
     v = torch.randn(operator.size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    return operator.matvec(v), dense_hessian(model, mse, (x, y)) @ v
+    hessian = dense_hessian(model, mse, (x, y))
+    values = hessian_eigenpairs(model, mse, (x[shard], y[shard]), k=2, tol=1e-10).eigenvalues
+    return operator.matvec(v), hessian @ v, values, torch.linalg.eigvalsh(hessian).flip(0)[:2]
 
 
-def test_products_are_averaged_over_ranks():
-    """Two ranks with half the batch each hold the Hessian-vector product of the full-batch mean loss."""
-    (first, expected), (second, _) = run_ranks(_distributed_product, world_size=2)
-    assert torch.equal(first, second)
+def test_products_and_eigenvalues_are_those_of_the_full_batch_on_every_rank():
+    """Two ranks with half the batch each hold the Hessian-vector products and eigenvalues of the full-batch
+    mean loss, identical on both ranks."""
+    (first, expected, values, exact), (second, _, other_values, _) = run_ranks(_distributed_product, world_size=2)
+    assert torch.equal(first, second) and torch.equal(values, other_values)
     assert torch.allclose(first, expected, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(values, exact, rtol=1e-9)
 
 
 class TiedEmbedding(nn.Module):

@@ -151,8 +151,8 @@ class HessianOperator:
 
     @contextlib.contextmanager
     def _evaluation(self) -> Iterator[None]:
-        """Grad on, autocast off, and the global RNG streams forked at the state seen at construction."""
-        with torch.random.fork_rng(devices=self.rng_devices), torch.enable_grad(), \
+        """Grad on (even under inference mode), autocast off, the global RNG forked at its state at construction."""
+        with torch.random.fork_rng(devices=self.rng_devices), torch.inference_mode(False), torch.enable_grad(), \
                 torch.autocast(self.device.type, enabled=False):
             torch.set_rng_state(self.rng_state[0])
             for device, state in zip(self.rng_devices, self.rng_state[1]):
@@ -202,7 +202,7 @@ class HessianOperator:
         pieces = self.split(vector)
         if not self.grads:  # the loss is at most linear in the parameters
             return torch.zeros_like(vector)
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             products = torch.autograd.grad(
                 [g for _, g in self.grads], self.leaves, grad_outputs=[pieces[i] for i, _ in self.grads],
                 retain_graph=True, allow_unused=True,

@@ -13,6 +13,7 @@ subspace is found) comes from a private generator on the CPU, so results do not 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from hildtools.curvature._random import gaussian_vector
 
 MatVec = Callable[[Tensor], Tensor]
 
-BASIS_CHUNK = 32
+BASIS_CHUNK = 8
 """Basis vectors per storage block (the basis grows by blocks, never copied)."""
 
 WARM_START_NOISE = 0.1
@@ -32,6 +33,9 @@ WARM_START_NOISE = 0.1
 every direction present in the start vector, so an eigenvector outside the previous span is still found (a few
 steps later than from a cold start), while the previous directions start far ahead."""
 
+
+CONFIRM_FRACTION = 0.1
+"""After the residual test first passes at step m, confirm it ``ceil(CONFIRM_FRACTION * m)`` steps later."""
 
 ROUNDING_FLOOR = 100.0
 """Residuals below ``ROUNDING_FLOOR * eps(dtype) * max|theta|`` count as converged: products carry rounding
@@ -83,7 +87,6 @@ class LanczosProcess:
         self.betas: list[float] = []  # betas[j] couples basis vectors j and j+1; the last is the current residual
         self.current = start / torch.linalg.vector_norm(start)
         self.previous: Tensor | None = None
-        self.residual: Tensor | None = None
 
     def _append(self, vector: Tensor) -> None:
         if self.length == len(self.blocks) * BASIS_CHUNK:
@@ -116,7 +119,7 @@ class LanczosProcess:
         beta = torch.linalg.vector_norm(w).item()
         self.alphas.append(alpha)
         self.betas.append(beta)
-        self.previous, self.residual = q, w
+        self.previous = q
         self.current = w / beta if beta > 0 else w
         return beta
 
@@ -177,10 +180,13 @@ def lanczos(
 ) -> Eigenpairs:
     """The k largest (algebraic) eigenpairs of the symmetric operator ``matvec`` on vectors of ``size`` entries.
 
-    Stops as soon as every top-k Ritz residual satisfies ``|beta_m s_{m,i}| <= tol * |theta_i|`` (and, with
-    ``smallest=True``, the smallest one satisfies ``<= tol * max_i |theta_i|``), or after ``max_iter`` products.
-    Eigenvalues far below the largest cannot be resolved beyond rounding: residuals under ``100 eps max|theta|``
-    count as converged.
+    Converged when every top-k Ritz residual satisfies ``|beta_m s_{m,i}| <= tol * |theta_i|`` (and, with
+    ``smallest=True``, the smallest one satisfies ``<= tol * max_i |theta_i|``); eigenvalues far below the
+    largest cannot be resolved beyond rounding, so residuals under ``100 eps max|theta|`` count as converged.
+    Each returned value is then within ``tol * |theta_i|`` of an eigenvalue of H, and never above the i-th largest.
+    To catch a near-top eigenvalue that no Ritz value represents yet (two eigenvalues closer than ``tol`` can share
+    one Ritz vector), the run continues ``CONFIRM_FRACTION`` more steps and stops only if the test still holds and
+    the top-k values moved by at most their tolerance; otherwise it continues, up to ``max_iter`` products.
 
     Args:
         matvec: ``v -> H v`` for a flat vector of ``size`` entries (symmetric ``H``).
@@ -211,6 +217,7 @@ def lanczos(
     generator = torch.Generator().manual_seed(seed)
     process = LanczosProcess(matvec, start_vector(size, init, generator, device, dtype), basis_device)
     floor = ROUNDING_FLOOR * torch.finfo(dtype).eps
+    confirm_at, reference = None, None
     while True:
         beta = process.step()
         theta, coefficients = torch.linalg.eigh(process.tridiagonal())  # ascending
@@ -221,7 +228,14 @@ def lanczos(
         converged = len(theta) >= k and bool((residuals[top] <= bounds[top]).all())
         if smallest:
             converged = converged and bool(residuals[0] <= max(tol, floor) * scale)
-        if converged or process.length >= max_iter:
+        if not converged:
+            confirm_at = None
+        elif confirm_at is None or (process.length >= confirm_at and bool(
+                ((theta[top] - reference).abs() > bounds[top]).any())):  # first pass, or a value moved: (re)confirm
+            confirm_at, reference = process.length + math.ceil(CONFIRM_FRACTION * process.length), theta[top]
+        elif process.length >= confirm_at:
+            break
+        if process.length >= max_iter:
             break
         if beta <= floor * scale:  # invariant subspace: its Ritz pairs are exact, continue in the complement
             process.restart(gaussian_vector(size, generator, device, dtype))
