@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _NormBase
 
 from hildtools.distributed import all_reduce_mean, is_distributed  # noqa: F401  (all_reduce_mean: for monitors)
@@ -271,7 +272,9 @@ class Probe:
     def session(self, module: nn.Module) -> Iterator[nn.Module]:
         """Probe mode on the unwrapped ``module``; everything training depends on is restored on exit.
 
-        Inside: grad enabled (even under ``inference_mode``), autocast off, dropout off, BatchNorm per ``bn_mode``.
+        Inside: grad enabled (even under ``inference_mode``), autocast off, dropout off, BatchNorm per ``bn_mode``,
+        and ``scaled_dot_product_attention`` on its math kernel (the fused kernels have no double backward and
+        no vmap rule; the math kernel computes the same function).
         Inference-mode tensors in the probe batch are cloned into normal ones by :meth:`prepare_batch`.
         """
         module = unwrap(module)
@@ -287,6 +290,7 @@ class Probe:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
             stack.enter_context(preserved_rng(device))
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             try:
                 module.eval()
                 if self.bn_mode == "train":

@@ -50,7 +50,7 @@ class CurvatureMonitor(Monitor):
                     raise
                 raise RuntimeError(
                     f"{type(self).__name__}: this model has an operation without double backward, so Hessian-vector "
-                    f"products are impossible ({error}). For attention, pass a loss_fn whose body runs under "
-                    "`with torch.nn.attention.sdpa_kernel(SDPBackend.MATH):`, or replace the fused op in the "
-                    "probed model."
+                    f"products are impossible ({error}). Replace the fused op in the probed model by a twice-"
+                    "differentiable one (the probe already runs scaled_dot_product_attention on its math kernel), "
+                    "or use the first-order monitors (NTK, neural collapse, feature rank, invariant sets)."
                 ) from error

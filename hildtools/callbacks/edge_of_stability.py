@@ -6,7 +6,10 @@ hovers there (Cohen et al. 2021). The threshold depends on the optimizer (read f
 Adam/AdamW (2+2b1)/((1-b1) lr). For Adam the sharpness is the preconditioned one, lambda_1(P^-1/2 H P^-1/2), with
 P the diagonal Adam divides by (Cohen et al. 2022). An optimizer wrapping a base one (SAM's ``base_optimizer``) is
 compared against its base optimizer's threshold: SAM's own, lower edge depends on rho and the gradient norm
-(Long & Bartlett 2024), so ``ratio`` then reads "how close to the base optimizer's edge". Logged under ``eos/``: ``sharpness``, ``threshold``,
+(Long & Bartlett 2024), so ``ratio`` then reads "how close to the base optimizer's edge". NGN is gradient descent
+with the self-tuned step gamma (heavy ball with step (1-b) gamma for NGN-M), so its threshold is 2/gamma
+((2+2b)/((1-b) gamma)) at the last step's gamma of the first param group. For optimizers without a known
+threshold (Lion, Signum, Rprop, ...) only the sharpness is logged, after one warning. Logged under ``eos/``: ``sharpness``, ``threshold``,
 ``ratio`` (= sharpness / threshold) and ``at_edge`` (1 when ``ratio >= edge_ratio``, else 0).
 
 Cheap by design: top-1 Lanczos at a loose tolerance, warm-started from the previous top eigenvector.
@@ -16,12 +19,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from hildtools.callbacks._curvature import CurvatureMonitor
 from hildtools.callbacks._monitor import SkipMeasurement
 from hildtools.curvature import adam_preconditioner, hessian_eigenpairs, stability_threshold
+from hildtools.optimizers import NGN
 
 ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -41,8 +48,7 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``every_n_epochs``.
 
     Raises:
-        ValueError: invalid ``tol``, ``max_iter``, ``edge_ratio`` or shared argument; at fit start, an optimizer
-            with no known threshold (the message names the supported ones).
+        ValueError: invalid ``tol``, ``max_iter``, ``edge_ratio`` or shared argument.
 
     Example::
 
@@ -84,13 +90,27 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's
         return getattr(optimizer, "base_optimizer", optimizer)  # SAM: the base optimizer's update rule
 
+    @staticmethod
+    def threshold(optimizer: torch.optim.Optimizer) -> float | None:
+        """The optimizer's stability threshold now, or ``None`` when none is known for it."""
+        if isinstance(optimizer, NGN):
+            group = optimizer.param_groups[0]
+            gamma, momentum = float(group.get("gamma", group["lr"])), float(group["momentum"])
+            return math.inf if gamma == 0 else (2 + 2 * momentum) / ((1 - momentum) * gamma)
+        try:
+            return stability_threshold(optimizer)
+        except ValueError:
+            return None
+
     def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stability_threshold(self.optimizer(trainer))  # an unsupported optimizer fails here, not mid-run
+        optimizer = self.optimizer(trainer)
+        if self.threshold(optimizer) is None:
+            rank_zero_warn(f"EdgeOfStabilityMonitor: no known stability threshold for {type(optimizer).__name__}; "
+                           "logging eos/sharpness only (thresholds: SGD, heavy ball, Nesterov, Adam/AdamW, NGN)")
         super().on_fit_setup(trainer, pl_module)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
         optimizer = self.optimizer(trainer)
-        threshold = stability_threshold(optimizer)
         preconditioner = None
         if isinstance(optimizer, ADAM_LIKE):
             params = [p for p in module.parameters() if p.requires_grad]
@@ -102,15 +122,13 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
             init=self.vector, preconditioner=preconditioner, seed=self.last_step,
         )
         self.vector = result.eigenvectors
-        sharpness = result.eigenvalues[0]
-        ratio = sharpness / threshold
-        return {
-            "sharpness": sharpness,
-            "threshold": threshold,
-            "ratio": ratio,
-            "at_edge": float(ratio >= self.edge_ratio),
-            "num_hvp": result.num_hvp,
-        }
+        sharpness = float(result.eigenvalues[0])
+        metrics = {"sharpness": sharpness, "num_hvp": result.num_hvp}
+        threshold = self.threshold(optimizer)
+        if threshold is not None and math.isfinite(threshold):  # infinite at lr = 0 or NGN's gamma = 0
+            ratio = sharpness / threshold
+            metrics.update(threshold=threshold, ratio=ratio, at_edge=float(ratio >= self.edge_ratio))
+        return metrics
 
     def extra_state_dict(self) -> dict:
         return {"vector": None if self.vector is None else self.vector.cpu()}

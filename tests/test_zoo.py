@@ -1,0 +1,73 @@
+"""Every monitor and every optimizer on the zoo of user models (MLP, BatchNorm CNN, ResNet, Transformer with SDPA,
+GRU, dict batches); with all six monitors attached, training is bitwise the same as without them."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from hildtools.callbacks import (
+    EdgeOfStabilityMonitor,
+    FeatureRankMonitor,
+    HessianEigenMonitor,
+    InvariantSetMonitor,
+    NeuralCollapseMonitor,
+    NTKAlignmentMonitor,
+)
+from hildtools.optimizers import NGN, SAM, Lion, Signum
+from zoo import NUM_CLASSES, ZOO, ZooModule, unpack, zoo_loader
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "sam": lambda p: SAM(p, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9),
+    "ngn": lambda p: NGN(p, lr=0.5),
+    "lion": lambda p: Lion(p, lr=1e-3, weight_decay=0.1),
+    "signum": lambda p: Signum(p, lr=1e-3),
+}
+
+
+def all_monitors(every=5, probe=32):
+    shared = dict(every_n_steps=every, probe_size=probe, unpack=unpack)
+    return [
+        HessianEigenMonitor(k=2, max_iter=20, **shared),
+        EdgeOfStabilityMonitor(max_iter=20, **shared),
+        NTKAlignmentMonitor(**shared),
+        NeuralCollapseMonitor(num_classes=NUM_CLASSES, **shared),
+        FeatureRankMonitor(**shared),
+        InvariantSetMonitor(every_n_steps=every),
+    ]
+
+
+def fit(name, make_optimizer, callbacks, steps):
+    torch.manual_seed(0)
+    module = ZooModule(name, make_optimizer)
+    trainer = pl.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    trainer.fit(module, zoo_loader(name))
+    return module
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "sam", "ngn", "lion"])
+def test_all_six_monitors_leave_training_bitwise_identical(optimizer):
+    """>= 50 steps, a model with BatchNorm and dropout; bitwise equal weights and buffers on CPU."""
+    plain = fit("bn_cnn", OPTIMIZERS[optimizer], [], steps=50)
+    monitors = all_monitors(every=10)
+    probed = fit("bn_cnn", OPTIMIZERS[optimizer], monitors, steps=50)
+    for (key, a), b in zip(plain.state_dict().items(), probed.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert all(m.last_metrics for m in monitors)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_monitor_runs_on_every_zoo_model(name):
+    monitors = all_monitors()
+    fit(name, None, monitors, steps=5)
+    for monitor in monitors:
+        assert monitor.last_metrics, type(monitor).__name__
+        assert all(torch.isfinite(torch.tensor(v)) for v in monitor.last_metrics.values())
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", ZOO)
+def test_every_optimizer_trains_every_zoo_model(name, optimizer):
+    module = fit(name, OPTIMIZERS[optimizer], [], steps=6)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
