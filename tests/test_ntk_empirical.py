@@ -220,6 +220,17 @@ def test_no_side_effects_and_accumulation_dtype():
     assert_relative(exact32, exact64, tol=1e-5)
 
 
+def test_fp32_products_are_close_to_fp64_products():
+    torch.manual_seed(0)
+    model = mlp().double()
+    x = data((4,), n=9)
+    for output in ("sum", "full"):
+        exact = empirical_ntk(model, x, output=output, chunk_size=4)
+        fast = empirical_ntk(model, x, output=output, chunk_size=4, product_dtype=torch.float32)
+        assert fast.dtype == torch.float64
+        assert_relative(fast, exact, tol=1e-6)
+
+
 def test_dropout_in_train_mode_is_refused_and_inactive_dropout_allowed():
     model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
     x = torch.randn(4, 3)
@@ -242,6 +253,7 @@ def test_dropout_in_train_mode_is_refused_and_inactive_dropout_allowed():
         ({"seed": -1}, "seed must be an integer >= 0"),
         ({"params": ["nope"]}, "params: nope is not a parameter"),
         ({"params": []}, "params: no parameters"),
+        ({"product_dtype": torch.float16}, "product_dtype must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, match):

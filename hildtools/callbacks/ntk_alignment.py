@@ -32,6 +32,7 @@ from torch import Tensor
 
 from hildtools.callbacks._features import check_figures, wants_figures
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
+from hildtools.curvature._checks import check_choice
 from hildtools.distributed import is_distributed
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.kernel import (
@@ -41,7 +42,7 @@ from hildtools.metrics.kernel import (
     kernel_eigenvalues,
     relative_change,
 )
-from hildtools.metrics.ntk import check_ntk_args, empirical_ntk
+from hildtools.metrics.ntk import PRODUCT_DTYPES, check_ntk_args, empirical_ntk
 from hildtools.probe import map_tensors, unwrap
 
 
@@ -59,6 +60,8 @@ class NTKAlignmentMonitor(Monitor):
         seed: seeds the ``"projection"`` vector and the sketch.
         params: names of the parameters (relative to the LightningModule) whose tangent kernel is measured;
             default: every parameter with ``requires_grad``.
+        product_dtype: ``torch.float64`` (default) or ``torch.float32`` (faster) Jacobian products; see
+            :func:`hildtools.metrics.empirical_ntk`.
         figures: ``None`` (spectrum picture only with W&B), ``True`` or ``False``.
         **kwargs: ``probe_data``, ``unpack``, ``bn_mode``, ``measure_at_start``; see
             :class:`hildtools.callbacks._monitor.Monitor` (no ``loss_fn``: the kernel needs no loss).
@@ -85,12 +88,14 @@ class NTKAlignmentMonitor(Monitor):
         sketch_dim: int | None = None,
         seed: int = 0,
         params: Sequence[str] | None = None,
+        product_dtype: torch.dtype = torch.float64,
         figures: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if "loss_fn" in kwargs:
             raise TypeError("NTKAlignmentMonitor measures the model's outputs, not a loss: loss_fn is not used")
         check_ntk_args(output, output_index, chunk_size, sketch_dim, seed)
+        check_choice("product_dtype", product_dtype, PRODUCT_DTYPES)
         check_figures(figures)
         if params is not None and (isinstance(params, str) or not all(isinstance(p, str) for p in params)):
             raise ValueError(f"params must be None or a sequence of parameter names, got {params!r}")
@@ -98,7 +103,7 @@ class NTKAlignmentMonitor(Monitor):
             every_n_steps = 100
         super().__init__(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, **kwargs)
         self.ntk_options = dict(output=output, output_index=output_index, chunk_size=chunk_size,
-                                sketch_dim=sketch_dim, seed=seed)  # fmt: skip
+                                sketch_dim=sketch_dim, seed=seed, product_dtype=product_dtype)  # fmt: skip
         self.params = None if params is None else list(params)
         self.figures = figures
         self.initial_kernel: Tensor | None = None

@@ -190,8 +190,8 @@ def target_alignment_numerator(
         model, x, output, output_index, seed, params: as in :func:`empirical_ntk`.
         y: targets as in :func:`kernel_alignment` (integer labels are one-hot over the model's outputs).
         centered: centre the targets over the examples.
-        chunk_size: vector-Jacobian products computed at once (memory ``chunk_size x P``); default as in
-            :func:`empirical_ntk`.
+        chunk_size: vector-Jacobian products (each a backward pass through the whole batch) computed at once;
+            default: those whose gradients fit 1 GiB, divided by n.
 
     Returns:
         An fp64 scalar.
@@ -215,7 +215,7 @@ def target_alignment_numerator(
         columns = tangent.selection_columns(range(tangent.num_selected))
         cotangents = (targets.T[:, None, :, None] * columns.T[None, :, None, :]).flatten(0, 1)
     total = torch.zeros((), dtype=torch.float64, device=tangent.device)
-    step = chunk_size or tangent.default_chunk_size()
+    step = chunk_size or tangent.default_chunk_size(whole_batch=True)
     for start in range(0, len(cotangents), step):
         (grads,) = vmap(tangent.vjp_fn)(cotangents[start : start + step])
         total += sum(g.reshape(len(g), -1).double().square().sum() for g in grads.values())

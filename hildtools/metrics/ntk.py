@@ -20,15 +20,16 @@ one-example ``functional_call``), ``chunk_size`` rows (example-output pairs) at 
 block by block from pairs of chunks, the second chunk of a pair being recomputed, so memory is about
 ``2 x chunk_size x P`` Jacobian entries (P parameters) plus the activations of ``chunk_size`` backward passes,
 whatever ``n``; with ``m`` chunks the Jacobian is evaluated ``m (m + 1) / 2`` chunk-times. Products are taken in
-fp64 and the kernel is returned in fp64.
+fp64 (``product_dtype=torch.float32`` for speed) and summed and returned in fp64.
 
 Batch coupling. The model is evaluated as given: modes are not changed (hildtools' probe puts the model in eval
 mode, so by default BatchNorm uses its running statistics and the kernel is the eval-mode NTK). A BatchNorm in
 train mode (or without running statistics) couples the examples through the batch statistics; the kernel is then
 that of the batched function ``x -> f(x)`` with the statistics of the whole ``x``, computed from one forward of the
-whole batch and vector-Jacobian products for chunks of rows. The module's buffers (running statistics,
-``num_batches_tracked``) are never written: the forward runs on copies. Dropout active in train mode is refused:
-a random function has no tangent kernel.
+whole batch and vector-Jacobian products for chunks of rows (each row a backward pass through the whole batch, so
+this costs about n times more). The module's buffers (running statistics, ``num_batches_tracked``) are never
+written: the forward runs on copies. Dropout active in train mode is refused: a random function has no tangent
+kernel.
 
 Sketch (``sketch_dim=k``). Every Jacobian row ``g`` (P entries) is replaced by ``R^T g / sqrt(k)``, with ``R``
 (P x k) of iid N(0, 1) entries generated blockwise from ``seed`` (never stored whole), and ``K~ = G~ G~^T``.
@@ -58,8 +59,9 @@ from hildtools.distributed import all_reduce_mean, is_distributed
 from hildtools.probe import batch_size, map_tensors
 
 OUTPUTS = ("sum", "mean", "index", "projection", "full")
+PRODUCT_DTYPES = (torch.float64, torch.float32)
 CHUNK_BYTES = 2**30  # default chunk: the Jacobian rows fitting 1 GiB
-_BLOCK_ELEMENTS = 2**25  # fp64 copies and sketch matrices are made in blocks of at most this many entries
+_BLOCK_ELEMENTS = 2**22  # converted copies and sketch matrices are made in blocks of at most this many entries
 
 
 def check_ntk_args(output: Any, output_index: Any, chunk_size: Any, sketch_dim: Any, seed: Any) -> None:
@@ -152,8 +154,9 @@ class TangentModel:
             if self.coupled:
                 outputs, self._vjp = vjp(self._batch_outputs, self.params)
             else:
-                first = map_tensors(lambda t: t[:1], x)
-                outputs = vmap(self._example_outputs, (None, 0), randomness="error")(self.params, first)
+                with torch.no_grad():  # the output size, from the first example
+                    first = map_tensors(lambda t: t[:1], x)
+                    outputs = vmap(self._example_outputs, (None, 0), randomness="error")(self.params, first)
         self.num_outputs = outputs.shape[-1]
         self.dtype = outputs.dtype
         self.device = outputs.device
@@ -228,10 +231,12 @@ class TangentModel:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
-    def default_chunk_size(self) -> int:
-        """Rows whose Jacobian fits :data:`CHUNK_BYTES`."""
+    def default_chunk_size(self, whole_batch: bool | None = None) -> int:
+        """Rows whose Jacobian fits :data:`CHUNK_BYTES`, divided by n when every row is a backward pass through the
+        whole batch (``whole_batch``, default: a coupled batch), so activations stay those of as many examples."""
         itemsize = next(iter(self.params.values())).element_size()
-        return max(1, CHUNK_BYTES // (self.num_params * itemsize))
+        rows = max(1, CHUNK_BYTES // (self.num_params * itemsize))
+        return max(1, rows // self.n) if (self.coupled if whole_batch is None else whole_batch) else rows
 
 
 def row_chunks(n: int, num_outputs: int, chunk_size: int) -> list[tuple[range, range]]:
@@ -250,8 +255,11 @@ def row_chunks(n: int, num_outputs: int, chunk_size: int) -> list[tuple[range, r
     ]
 
 
-def _gram_block(first: list[Tensor], second: list[Tensor], full: bool) -> Tensor:
-    """``sum_p first_p second_p^T`` in fp64: (b, b') summed over outputs, or (b, a, b', a') when ``full``."""
+def _gram_block(first: list[Tensor], second: list[Tensor], full: bool, product_dtype: torch.dtype) -> Tensor:
+    """``sum_p first_p second_p^T``: (b, b') summed over outputs, or (b, a, b', a') when ``full``.
+
+    Products of column blocks in ``product_dtype``, summed in fp64; ``second is first`` converts each block once.
+    """
     b, a, _ = first[0].shape
     b2, a2, _ = second[0].shape
     rows, columns = (b * a, b2 * a2) if full else (b, b2)
@@ -260,11 +268,15 @@ def _gram_block(first: list[Tensor], second: list[Tensor], full: bool) -> Tensor
         u, v = u.reshape(rows, -1), v.reshape(columns, -1)
         step = max(1, _BLOCK_ELEMENTS // max(rows, columns))
         for start in range(0, u.shape[1], step):
-            block += u[:, start : start + step].double() @ v[:, start : start + step].double().T
+            left = u[:, start : start + step].to(product_dtype)
+            right = left if second is first else v[:, start : start + step].to(product_dtype)
+            block += left @ right.T
     return block.view(b, a, b2, a2) if full else block
 
 
-def _exact_kernel(tangent: TangentModel, chunks: list[tuple[range, range]], full: bool, owned: Callable) -> Tensor:
+def _exact_kernel(
+    tangent: TangentModel, chunks: list[tuple[range, range]], full: bool, owned: Callable, product_dtype: torch.dtype
+) -> Tensor:
     n, c = tangent.n, tangent.num_selected
     kernel = torch.zeros((n, c, n, c) if full else (n, n), dtype=torch.float64, device=tangent.device)
     for u, (examples_u, outputs_u) in enumerate(chunks):
@@ -276,7 +288,7 @@ def _exact_kernel(tangent: TangentModel, chunks: list[tuple[range, range]], full
                 continue
             same = (examples_v, outputs_v) == (examples_u, outputs_u)
             rows_v = rows_u if same else tangent.rows(examples_v, outputs_v)
-            block = _gram_block(rows_u, rows_v, full)
+            block = _gram_block(rows_u, rows_v, full, product_dtype)
             eu, ev = slice(examples_u.start, examples_u.stop), slice(examples_v.start, examples_v.stop)
             if full:
                 ou, ov = slice(outputs_u.start, outputs_u.stop), slice(outputs_v.start, outputs_v.stop)
@@ -340,6 +352,7 @@ def empirical_ntk(
     seed: int = 0,
     params: Iterable[str | Tensor] | None = None,
     distributed: bool = False,
+    product_dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """The empirical NTK of ``model`` on the inputs ``x`` (conventions in the module docstring).
 
@@ -357,12 +370,17 @@ def empirical_ntk(
         params: parameter names or parameter tensors to differentiate; default: all with ``requires_grad``.
         distributed: split the chunks over the ranks of the initialised process group and all-reduce, so every
             rank returns the whole kernel; every rank must call it with the same model and ``x``.
+        product_dtype: dtype of the Jacobian-block products (sums are in fp64 either way): ``torch.float64``
+            (default, exact to rounding) or ``torch.float32`` (several times faster on CPUs and on GPUs without fast
+            fp64; 1e-7 to 1e-5 relative error measured, about 1e-3 if TF32 matmuls are enabled, e.g. by
+            ``torch.set_float32_matmul_precision("high")``).
 
     Returns:
         The fp64 kernel: (n, n), or (nC, nC) for ``output="full"``.
 
     Raises:
-        ValueError: an argument out of range, a parameter not in the model, active dropout.
+        ValueError: an argument out of range, a parameter not in the model, active dropout, an unsupported
+            ``product_dtype``.
         TypeError: ``x`` or the model's output of an unsupported type.
 
     Example:
@@ -374,6 +392,7 @@ def empirical_ntk(
                 [1., 1., 2.]], dtype=torch.float64)
     """
     check_ntk_args(output, output_index, chunk_size, sketch_dim, seed)
+    check_choice("product_dtype", product_dtype, PRODUCT_DTYPES)
     tangent = TangentModel(model, x, output=output, output_index=output_index, seed=seed, params=params)
     chunks = row_chunks(tangent.n, tangent.num_selected, chunk_size or tangent.default_chunk_size())
     shared = distributed and is_distributed()
@@ -387,7 +406,7 @@ def empirical_ntk(
 
     full = output == "full"
     if sketch_dim is None:
-        kernel = reduce_sum(_exact_kernel(tangent, chunks, full, owned))
+        kernel = reduce_sum(_exact_kernel(tangent, chunks, full, owned, product_dtype))
     else:
         kernel = _sketched_kernel(tangent, chunks, full, owned, sketch_dim, seed, reduce_sum)
     if output == "mean":

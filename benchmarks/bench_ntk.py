@@ -1,0 +1,189 @@
+"""Cost of the full n x n empirical NTK: :func:`hildtools.metrics.empirical_ntk` against a naive per-example loop.
+
+Usage::
+
+    python benchmarks/bench_ntk.py [--device cuda] [--n 256] [--outputs 1] [--chunk-sizes 16,32,64,128,256]
+
+Model: an MLP 784 -> 1024 -> 256 -> C (about 1.07M parameters; C = ``--outputs``, default 1 so every output
+convention gives the same kernel), n = 256 random inputs, kernel convention ``"sum"``.
+
+1. naive: ``torch.autograd.grad`` of each example's output (C backward passes per example), the gradients stored as
+   the n x C x P Jacobian, then ``K = sum_a J_a J_a^T`` (products in fp64, as ours; and in fp32, as often written).
+2. ``empirical_ntk`` with its default chunk (the rows fitting 1 GiB) and fp64 products (default) or fp32 products,
+   then a sweep of ``chunk_size`` (fp32 products): peak memory follows the chunk (about 2 x chunk_size x P x 4 bytes plus activations; chunk_size counts Jacobian rows, i.e.
+   example-output pairs), not n x P.
+3. the sketched kernel (``sketch_dim`` = 512 by default) and its relative Frobenius error.
+
+Each method runs in a fresh subprocess: time (median of ``--repeats`` runs after a warm-up) and peak extra memory
+(peak resident set size after a reset of the peak counter on Linux CPUs; ``torch.cuda.max_memory_allocated`` on
+CUDA), both counted from after the model and data exist. Prints a Markdown report (copy it to
+``benchmarks/results/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from hildtools.metrics import empirical_ntk
+
+
+def make_problem(args, device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, args.outputs))
+    x = torch.randn(args.n, 784, generator=torch.Generator().manual_seed(1))
+    return model.to(device).eval(), x.to(device)
+
+
+def naive_ntk(model, x, product_dtype):
+    """Per-example backward passes, the whole n x C x P Jacobian stored, then the Gram matrix."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    size = sum(p.numel() for p in params)
+    outputs = model(x[:1]).shape[1]
+    jacobian = torch.empty(len(x), outputs, size, device=x.device)
+    for i in range(len(x)):
+        out = model(x[i : i + 1])[0]
+        for a in range(outputs):
+            grads = torch.autograd.grad(out[a], params, retain_graph=a + 1 < outputs)
+            jacobian[i, a] = torch.cat([g.reshape(-1) for g in grads])
+    flat = jacobian.transpose(0, 1).to(product_dtype)  # (C, n, P)
+    return (flat @ flat.transpose(1, 2)).sum(0).double()
+
+
+def method(args, name):
+    if name == "naive_fp64":
+        return lambda model, x: naive_ntk(model, x, torch.float64)
+    if name == "naive_fp32":
+        return lambda model, x: naive_ntk(model, x, torch.float32)
+    if name == "ours_default":
+        return lambda model, x: empirical_ntk(model, x)
+    if name == "ours_fp32_products":
+        return lambda model, x: empirical_ntk(model, x, product_dtype=torch.float32)
+    if name.startswith("ours_chunk_"):
+        chunk = int(name.rsplit("_", 1)[1])
+        return lambda model, x: empirical_ntk(model, x, chunk_size=chunk, product_dtype=torch.float32)
+    if name == "ours_sketch":
+        return lambda model, x: empirical_ntk(model, x, sketch_dim=args.sketch_dim)
+    raise ValueError(name)
+
+
+def resident_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+
+def measure(args, name):
+    """Run one method in this process: time, peak extra memory, and the kernel (saved for the error check)."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    model, x = make_problem(args, device)
+    fn = method(args, name)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak resident set size
+        base = resident_kib("VmRSS:") * 1024
+    kernel = fn(model, x)  # warm-up run, also the peak-memory run
+    if cuda:
+        torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() if cuda else resident_kib("VmHWM:") * 1024) - base
+    times = []
+    for _ in range(args.repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(model, x)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    torch.save(kernel.cpu(), f"{args.tmp}/{name}.pt")
+    print(json.dumps({"name": name, "seconds": statistics.median(times), "peak_mib": peak / 2**20}))
+
+
+def run_in_subprocess(args, name):
+    passed = ("device", "n", "outputs", "sketch_dim", "repeats", "threads", "tmp")
+    command = [sys.executable, __file__, "--measure", name]
+    command += [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in passed]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--outputs", type=int, default=1)
+    parser.add_argument("--chunk-sizes", default="16,32,64,128,256")
+    parser.add_argument("--sketch-dim", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--skip-naive-fp32", action="store_true")
+    parser.add_argument("--tmp", default="/tmp")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        return measure(args, args.measure)
+
+    chunks = [int(c) for c in args.chunk_sizes.split(",") if c]
+    names = ["naive_fp64"] + ([] if args.skip_naive_fp32 else ["naive_fp32"]) + ["ours_default", "ours_fp32_products", "ours_sketch"]
+    names += [f"ours_chunk_{c}" for c in chunks]
+    results = {}
+    for name in names:
+        results[name] = run_in_subprocess(args, name)
+        print(f"# {name}: {results[name]['seconds']:.3f} s, {results[name]['peak_mib']:.0f} MiB", file=sys.stderr)
+    reference = torch.load(f"{args.tmp}/naive_fp64.pt")
+    model, _ = make_problem(args, torch.device("cpu"))
+    params = sum(p.numel() for p in model.parameters())
+    naive = results["naive_fp64"]["seconds"]
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    lines = [
+        f"# empirical NTK benchmark ({args.device})",
+        "",
+        f"- date: {datetime.date.today()}; device: {device}; torch {torch.__version__}; "
+        f"python {platform.python_version()}; CPU threads: {args.threads}",
+        f"- model: MLP 784-1024-256-{args.outputs} ({params:,} parameters), n = {args.n}, convention 'sum'; "
+        f"the naive Jacobian alone is {args.n * args.outputs * params * 4 / 2**20:,.0f} MiB",
+        f"- time: median of {args.repeats} runs after a warm-up; peak: extra memory over model + data "
+        f"({'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS, reset before the run'})",
+        "",
+        "| method | time (s) | speed-up vs naive (fp64 products) | peak extra memory (MiB) | rel. error vs naive fp64 |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        kernel = torch.load(f"{args.tmp}/{name}.pt")
+        error = float((kernel - reference).norm() / reference.norm())
+        row = results[name]
+        label = name + (f" (k = {args.sketch_dim})" if name == "ours_sketch" else "")
+        if name.startswith("ours_chunk_"):
+            bound = 2 * int(name.rsplit("_", 1)[1]) * params * 4 / 2**20
+            label += f" (2 x chunk x P x 4 B = {bound:.0f} MiB)"
+        lines.append(f"| {label} | {row['seconds']:.3f} | {naive / row['seconds']:.2f}x | {row['peak_mib']:.0f} | {error:.1e} |")
+    sketch = torch.load(f"{args.tmp}/ours_sketch.pt")
+    ratio = float(reference.trace() ** 2 / reference.norm() ** 2)
+    diagonal = reference.diagonal()
+    lines += [
+        "",
+        f"Sketch error, stated vs measured (k = {args.sketch_dim}): relative Frobenius error "
+        f"sqrt((1 + tr(K)^2/||K||_F^2)/k) = {((1 + ratio) / args.sketch_dim) ** 0.5:.3f} (participation ratio "
+        f"{ratio:.1f}) vs {float((sketch - reference).norm() / reference.norm()):.3f}; diagonal relative error "
+        f"sqrt(2/k) = {(2 / args.sketch_dim) ** 0.5:.4f} vs {float(((sketch.diagonal() / diagonal - 1) ** 2).mean().sqrt()):.4f} (rms).",
+    ]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
