@@ -113,6 +113,7 @@ def kernel_alignment(kernel: Tensor, y: Tensor, centered: bool = False) -> Tenso
     """
     kernel = _check_kernel(kernel)
     targets, outputs = _targets_for(kernel.shape[0], y)
+    targets = targets.to(kernel.device)
     if centered:
         kernel = center_kernel(kernel, outputs)
         targets = targets - targets.mean(0, keepdim=True)
