@@ -105,7 +105,7 @@ def main(argv=None):
     layers = ["features.5", "classifier"]  # an intermediate layer (input of the first Linear) and the last one
     monitors = [
         HessianEigenMonitor(k=3, every_n_steps=4 * every, probe_size=size, density=True),
-        EdgeOfStabilityMonitor(every_n_steps=every, probe_size=size),
+        EdgeOfStabilityMonitor(every_n_steps=every),  # its default probe (64 examples) keeps it cheap
         NTKAlignmentMonitor(every_n_steps=4 * every, probe_size=min(size, 128), figures=True),
         NeuralCollapseMonitor(num_classes=10, layers=layers, every_n_epochs=1, probe_size=4 * size, figures=True),
         FeatureRankMonitor(layers=layers, every_n_epochs=1, probe_size=4 * size, figures=True),

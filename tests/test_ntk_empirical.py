@@ -312,3 +312,30 @@ def test_cuda_matches_cpu_and_bf16_accumulates_in_fp64(output):
     half = empirical_ntk(model.bfloat16(), x.cuda().bfloat16(), output=output, output_index=index)
     assert half.dtype == torch.float64
     assert (half.cpu() - cpu).norm() / cpu.norm() < 0.05
+
+
+def test_model_without_a_vmap_rule_falls_back_to_a_loop():
+    """nn.GRU has no vmap batching rule: rows come from one VJP per example and output, still exact."""
+    from torch.autograd.functional import jacobian
+
+    torch.manual_seed(0)
+    gru, head = torch.nn.GRU(3, 5, batch_first=True).double(), torch.nn.Linear(5, 2).double()
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.head = gru, head
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0][:, -1])
+
+    model, x = Recurrent(), torch.randn(4, 6, 3, dtype=torch.float64)
+    params = dict(model.named_parameters())
+
+    def outputs(*flat):
+        return torch.func.functional_call(model, dict(zip(params, flat)), (x,))
+
+    jac = jacobian(outputs, tuple(params.values()))
+    rows = torch.cat([j.reshape(4, 2, -1) for j in jac], dim=-1)
+    expected = torch.einsum("iap,jap->ij", rows, rows)
+    assert torch.allclose(empirical_ntk(model, x), expected, rtol=1e-8, atol=1e-12)

@@ -62,6 +62,10 @@ def test_every_monitor_runs_on_every_zoo_model(name):
     monitors = all_monitors()
     fit(name, None, monitors, steps=5)
     for monitor in monitors:
+        if isinstance(monitor, InvariantSetMonitor) and name == "gru":
+            # nothing to analyse: the GRU's gates are not Linear/Conv layers and the classifier is the output layer
+            assert monitor.last_metrics == {} and monitor.reported_skips
+            continue
         assert monitor.last_metrics, type(monitor).__name__
         assert all(torch.isfinite(torch.tensor(v)) for v in monitor.last_metrics.values())
 

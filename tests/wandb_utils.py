@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import struct
+import time
 
 BLOCK = 32768
 
@@ -35,13 +36,23 @@ def records(path: str):
             yield record
 
 
-def history_keys(run_dir: str) -> set[str]:
-    """Every key logged to the run's history (``run_dir``: the ``offline-run-*`` folder or a parent of it)."""
-    files = glob.glob(os.path.join(run_dir, "**", "*.wandb"), recursive=True)
+def history_keys(run_dir: str, timeout: float = 60) -> set[str]:
+    """Every key logged to the run's history (``run_dir``: the ``offline-run-*`` folder or a parent of it).
+
+    W&B's background process finishes the file after ``wandb.finish()`` returns: wait for each file's exit record.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        files = glob.glob(os.path.join(run_dir, "**", "*.wandb"), recursive=True)
+        parsed = [list(records(path)) for path in files]
+        finished = all(any(r.WhichOneof("record_type") == "exit" for r in rs) for rs in parsed)
+        if files and finished or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert files, f"no .wandb file under {run_dir}"
     keys = set()
-    for path in files:
-        for record in records(path):
+    for rs in parsed:
+        for record in rs:
             if record.WhichOneof("record_type") == "history":
                 keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
     return keys

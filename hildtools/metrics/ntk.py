@@ -149,6 +149,7 @@ class TangentModel:
         self.model, self.x = model, x
         self.params = resolve_params(model, params)
         self.coupled = couples_examples(model)
+        self.looped = False  # set when the model has an op vmap cannot batch
         self._vjp: Callable | None = None
         with torch.inference_mode(False), torch.enable_grad():
             if self.coupled:
@@ -156,7 +157,13 @@ class TangentModel:
             else:
                 with torch.no_grad():  # the output size, from the first example
                     first = map_tensors(lambda t: t[:1], x)
-                    outputs = vmap(self._example_outputs, (None, 0), randomness="error")(self.params, first)
+                    try:
+                        outputs = vmap(self._example_outputs, (None, 0), randomness="error")(self.params, first)
+                    except RuntimeError as error:  # an op without a vmap rule (e.g. nn.GRU): loop over examples
+                        if "Batching rule not implemented" not in str(error):
+                            raise
+                        self.looped = True
+                        outputs = self._example_outputs(self.params, map_tensors(lambda t: t[0], first))[None]
         self.num_outputs = outputs.shape[-1]
         self.dtype = outputs.dtype
         self.device = outputs.device
@@ -216,8 +223,22 @@ class TangentModel:
                 def selected(params: dict[str, Tensor], x_one: Any) -> Tensor:
                     return self._example_outputs(params, x_one) @ columns
 
-                grads = vmap(jacrev(selected), (None, 0), randomness="error")(self.params, x)
+                if self.looped:
+                    grads = self._looped_jacobian(selected, x, b, a)
+                else:
+                    grads = vmap(jacrev(selected), (None, 0), randomness="error")(self.params, x)
         return [grads[name].reshape(b, a, -1) for name in self.params]
+
+    def _looped_jacobian(self, selected: Callable, x: Any, b: int, a: int) -> dict[str, Tensor]:
+        """The Jacobian rows one example and one output at a time (for ops without a vmap rule): b x a VJPs."""
+        rows = {name: [] for name in self.params}
+        for i in range(b):
+            _, pullback = vjp(lambda params: selected(params, map_tensors(lambda t: t[i], x)), self.params)
+            for unit in torch.eye(a, dtype=self.dtype, device=self.device):
+                (grads,) = pullback(unit)
+                for name in self.params:
+                    rows[name].append(grads[name])
+        return {name: torch.stack(parts).reshape(b, a, *parts[0].shape) for name, parts in rows.items()}
 
     @property
     def vjp_fn(self) -> Callable:
