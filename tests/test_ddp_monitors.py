@@ -73,3 +73,29 @@ def test_ddp_values_equal_single_process_on_the_union(sizes):
 def test_nan_on_one_rank_skips_everywhere_without_hanging():
     results = run_ranks(fit_on_rank, "nan", (20, 20), timeout=120)
     assert all(r["metrics"] == [{}, {}] for r in results)
+
+
+def all_monitors_on_rank(rank, world_size, optimizer):
+    from test_zoo import OPTIMIZERS, all_monitors
+    from zoo import ZooModule, make_data
+
+    torch.manual_seed(0)
+    monitors = all_monitors(every=3, probe=16)
+    module = ZooModule("bn_cnn", OPTIMIZERS[optimizer])
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=world_size, max_steps=3, callbacks=monitors,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(module, DataLoader(make_data("bn_cnn", 64), batch_size=8, shuffle=True))
+    return {"params": {k: v.detach().clone() for k, v in module.named_parameters()},
+            "metrics": [dict(m.last_metrics) for m in monitors]}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "sam", "ngn", "lion", "signum"])
+def test_all_monitors_and_optimizers_agree_across_ranks(optimizer):
+    """Each rank probes its own shard (DistributedSampler); every monitor ends with the same values on every
+    rank, the optimizers keep the parameter replicas identical (BatchNorm running statistics are per rank under
+    DDP, as always), and nothing hangs."""
+    first, second = run_ranks(all_monitors_on_rank, optimizer)
+    assert all(first["metrics"]) and first["metrics"] == second["metrics"]
+    for key, value in first["params"].items():
+        assert torch.equal(value, second["params"][key]), key
