@@ -4,13 +4,14 @@ PyHessian 0.1 puts the model in eval mode and leaves it there, accumulates into 
 from the global RNG and hard-codes ``"cuda"``. Here it runs on a wrapper whose forward is ``loss_fn(model,
 batch)``, with ``cuda`` set from the model's device, and afterwards every module mode, every ``.grad`` tensor
 and the global RNG streams are restored. Note its conventions: it always evaluates in eval mode, returns the
-largest-MAGNITUDE eigenvalues (in the order found), and its ``tol`` is a relative change between consecutive
-power-iteration estimates, not an accuracy bound.
+largest-MAGNITUDE eigenvalues (in the order found), its ``tol`` is a relative change between consecutive
+power-iteration estimates, not an accuracy bound, and it fails on parameters that get no gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -70,7 +71,9 @@ def pyhessian_eigenpairs(model: nn.Module, loss_fn: LossFn, batch: Any, k: int, 
             p.grad = None
         current_cuda = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
         with torch.random.fork_rng(devices=rng_devices), torch.enable_grad(), current_cuda, \
-                torch.autocast(device.type, enabled=False):
+                torch.autocast(device.type, enabled=False), warnings.catch_warnings():
+            # its .backward(create_graph=True) warns of a grad <-> graph cycle; the .grad restore below breaks it
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             computer = hessian(wrapped, lambda loss, _: loss, data=(token, token), cuda=device.type == "cuda")
             values, vectors = computer.eigenvalues(maxIter=max_iter, tol=tol, top_n=k)
             del computer
