@@ -187,7 +187,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args(argv)
     if args.tiny:
-        args.epochs = 2
+        args.epochs, args.sigmas = 1, [3.0]
     results = run(args.sign_lr, args.adamw_lr, args.sign_wd, args.adamw_wd, args.sigmas, epochs=args.epochs,
                   seed=args.seed, out=args.out, use_wandb=args.wandb)
     path = plot(results, args.sigmas, args.epochs, args.out)
