@@ -59,7 +59,10 @@ def _gram_spectrum(features: Tensor, center: str | None) -> Tensor:
             block = block - (row_mean[part] if rows_side else row_mean)
         if col_mean is not None:
             block = block - (col_mean if rows_side else col_mean[:, part])
-        gram += block.T @ block if rows_side else block @ block.T
+        if rows_side:
+            gram.addmm_(block.T, block)
+        else:
+            gram.addmm_(block, block.T)
     return _spectrum(gram)
 
 

@@ -212,30 +212,39 @@ def batchnorm_affine(batchnorm: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 class _NeuronVectors:
-    """Rows ``[w_in (BN folded), b, w_out]`` of a layer's neurons, materialised a chunk at a time."""
+    """Neuron vectors ``[w_in (BN folded), b | w_out]`` of a layer, copied a chunk at a time into fp64 buffers.
 
-    def __init__(self, producer: nn.Module, consumer: nn.Module, link: _Link) -> None:
+    A chunk is two matrices: incoming rows (b, fan_in + 1) and outgoing columns (out * block, b), both read in
+    the weights' own memory order; the Gram block of chunks i, j is ``in_i @ in_j.T + out_i.T @ out_j``.
+    Reusing two preallocated buffers keeps the memory at 2 chunks whatever the number of blocks.
+    """
+
+    def __init__(self, producer: nn.Module, consumer: nn.Module, link: _Link, chunk_size: int) -> None:
         self.num = producer.weight.shape[0]
         self.incoming = producer.weight.detach().flatten(1)
         self.bias = producer.bias.detach() if producer.bias is not None else None
         self.affine = batchnorm_affine(link.batchnorm) if link.batchnorm is not None else None
         weight = consumer.weight.detach()
         self.outgoing = weight.reshape(weight.shape[0], self.num, -1)  # (out, n, block)
-        self.width = self.incoming.shape[1] + 1 + self.outgoing.shape[0] * self.outgoing.shape[2]
+        rows, (out, _, block) = min(chunk_size, self.num), self.outgoing.shape
+        new = self.incoming.new_empty
+        self.buffers = [
+            (new(rows, self.incoming.shape[1] + 1, dtype=torch.float64), new(out, block, rows, dtype=torch.float64))
+            for _ in range(2)
+        ]
 
-    def rows(self, start: int, stop: int) -> Tensor:
-        fan_in = self.incoming.shape[1]
-        rows = self.incoming.new_zeros(stop - start, self.width, dtype=torch.float64)
-        rows[:, :fan_in] = self.incoming[start:stop]
-        if self.bias is not None:
-            rows[:, fan_in] = self.bias[start:stop]
+    def chunk(self, start: int, stop: int, buffer: int) -> tuple[Tensor, Tensor]:
+        """Chunk ``start:stop`` written into buffer 0 or 1: (incoming rows, outgoing columns)."""
+        incoming, outgoing = self.buffers[buffer]
+        incoming, outgoing, fan_in = incoming[: stop - start], outgoing[..., : stop - start], self.incoming.shape[1]
+        incoming[:, :fan_in] = self.incoming[start:stop]
+        incoming[:, fan_in] = self.bias[start:stop] if self.bias is not None else 0
         if self.affine is not None:
             scale, shift = (t[start:stop] for t in self.affine)
-            rows[:, : fan_in + 1] *= scale[:, None]
-            rows[:, fan_in] += shift
-        out = self.outgoing[:, start:stop]
-        rows[:, fan_in + 1 :].view(stop - start, out.shape[0], out.shape[2]).copy_(out.transpose(0, 1))
-        return rows
+            incoming *= scale[:, None]
+            incoming[:, fan_in] += shift
+        outgoing.copy_(self.outgoing[:, start:stop].transpose(1, 2))
+        return incoming, outgoing.flatten(0, 1)
 
 
 def _check_link(producer: nn.Module, consumer: nn.Module, link: _Link) -> str | None:
@@ -275,20 +284,26 @@ def _union(parent: Tensor, first: Tensor, second: Tensor) -> None:
         parent.scatter_reduce_(0, torch.maximum(root_a, root_b), torch.minimum(root_a, root_b), reduce="amin")
 
 
+def _squared_norms(incoming: Tensor, outgoing: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(incoming, dim=1).square() + torch.linalg.vector_norm(outgoing, dim=0).square()
+
+
 def _analyse(vectors: _NeuronVectors, vanish_threshold: float, identical_threshold: float, chunk_size: int):
+    """(num_vanishing, group_sizes, num_independent, nearest_distance) of one layer."""
     n = vectors.num
     chunks = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
-    norms = torch.cat([torch.linalg.vector_norm(vectors.rows(start, stop), dim=1) for start, stop in chunks])
-    sq_norms = norms.square()
+    sq_norms = torch.cat([_squared_norms(*vectors.chunk(start, stop, 0)) for start, stop in chunks])
+    norms = sq_norms.sqrt()
     vanishing = norms < vanish_threshold * norms.max() if norms.max() > 0 else torch.ones_like(norms, dtype=torch.bool)
     parent = torch.arange(n, device=sq_norms.device)
     nearest = torch.full((n,), float("inf"), dtype=torch.float64, device=sq_norms.device)
     for i, (start_i, stop_i) in enumerate(chunks):
-        rows_i = vectors.rows(start_i, stop_i)
+        in_i, out_i = vectors.chunk(start_i, stop_i, 0)
         for start_j, stop_j in chunks[i:]:
-            rows_j = rows_i if start_j == start_i else vectors.rows(start_j, stop_j)
+            in_j, out_j = (in_i, out_i) if start_j == start_i else vectors.chunk(start_j, stop_j, 1)
+            gram = torch.addmm(in_i @ in_j.T, out_i.T, out_j)
             total = sq_norms[start_i:stop_i, None] + sq_norms[None, start_j:stop_j]
-            distance = (2 * (total - 2 * rows_i @ rows_j.T) / total).clamp_min(0)
+            distance = (2 * (total - 2 * gram) / total).clamp_min(0)
             valid = ~vanishing[start_i:stop_i, None] & ~vanishing[None, start_j:stop_j]
             if start_j == start_i:
                 valid &= ~torch.eye(stop_i - start_i, dtype=torch.bool, device=valid.device)
@@ -371,7 +386,7 @@ def invariant_sets(
         if isinstance(link, str):
             skipped[name] = link
             continue
-        vectors = _NeuronVectors(modules[name], modules[link.consumer], link)
+        vectors = _NeuronVectors(modules[name], modules[link.consumer], link, chunk_size)
         num_vanishing, group_sizes, num_independent, nearest = _analyse(
             vectors, vanish_threshold, identical_threshold, chunk_size
         )
