@@ -7,15 +7,30 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hildtools.callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor
+from hildtools.callbacks import (
+    EdgeOfStabilityMonitor,
+    FeatureRankMonitor,
+    HessianEigenMonitor,
+    InvariantSetMonitor,
+    NeuralCollapseMonitor,
+    NTKAlignmentMonitor,
+)
+from hildtools.optimizers import NGN, SAM, Lion
 
 MONITORS = {
     "hessian": lambda: HessianEigenMonitor(k=2, every_n_steps=3, probe_size=24),
     "eos": lambda: EdgeOfStabilityMonitor(every_n_steps=2, probe_size=24),
+    "ntk": lambda: NTKAlignmentMonitor(every_n_steps=3, probe_size=16),
+    "nc": lambda: NeuralCollapseMonitor(num_classes=3, every_n_steps=3, probe_size=24),
+    "rank": lambda: FeatureRankMonitor(every_n_steps=3, probe_size=24),
+    "collapse": lambda: InvariantSetMonitor(every_n_steps=3),
 }
 OPTIMIZERS = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "sam": lambda p: SAM(p, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9),
+    "ngn": lambda p: NGN(p, lr=0.5, momentum=0.9),
+    "lion": lambda p: Lion(p, lr=1e-3),
 }
 
 
@@ -26,9 +41,12 @@ class Net(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
         self.make_optimizer = OPTIMIZERS[optimizer]
 
+    def forward(self, x):
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
+        return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
         return self.make_optimizer(self.parameters())
@@ -61,3 +79,4 @@ def test_resumed_run_equals_uninterrupted(optimizer, tmp_path):
     for full, resumed in zip(full_monitors, resumed_monitors):
         assert full.last_metrics and full.last_metrics == pytest.approx(resumed.last_metrics, rel=1e-6)
     assert torch.allclose(full_monitors[0].init_vectors, resumed_monitors[0].init_vectors.to(torch.float32))
+    assert "ntk/init_alignment" in resumed_monitors[2].last_metrics  # K_0 came back from the checkpoint
