@@ -6,16 +6,16 @@ most when its relaxation time 1/(1 - beta) matches the drift time, which gives 1
 
 The problem: sparse regression with a quadratically parameterized linear model w = u*u - v*v (a diagonal linear
 network; n = 40 samples in R^100, a 5-sparse target, u = v = 1 at the start), full-batch gradients with fresh label
-noise (std 0.5, the same draw for every run) at every step, heavy ball v <- beta v + g, w <- w - lr v (torch SGD, dampening 0). Label noise
-drives w along the interpolating manifold to the sparse target (without it, ||w - w*||^2 stays near 10); we count
+noise (std 0.5) at every step, heavy ball v <- beta v + g, w <- w - lr v (torch SGD, dampening 0). Label noise drives
+w along the interpolating manifold to the sparse target (without it, ||w - w*||^2 stays near 10); we count
 the steps until ||w - w*||^2 < 0.1 (and still < 1 at the end), for every lr:
 
-- fixed beta (tuned at the largest lr) vs ``MomentumScaling`` (``hildtools.optimizers``) keeping
-  1 - beta = C lr^(2/3) with C set by the same beta at the largest lr;
+- a fixed beta (0.99, close to the sweep's best at the largest lr) vs ``MomentumScaling`` from
+  ``hildtools.optimizers``, keeping 1 - beta = C lr^(2/3) with C set by the same beta at the largest lr;
 - a sweep over beta at each lr: the fastest 1 - beta, and the exponent a of 1 - beta* ∝ lr^a it gives.
 
-Every configuration runs with 3 label-noise streams (steps averaged); all runs train together in one plain-torch
-loop (one param group per run), ~1 min on a CPU.
+Every configuration runs with 3 label-noise streams (the same 3 for all; steps averaged); all runs train together
+in one plain-torch loop (one param group per run), ~1 min on a CPU.
 
     python examples/momentum_scaling.py
     python examples/momentum_scaling.py --lrs 0.01 0.005 0.0025 0.00125 0.000625 0.0003 --sweep-points 13 --steps 20000
@@ -201,8 +201,9 @@ def plot(result: dict, beta0: float, out: str) -> str:
     colors, seeds = {}, result["seeds"]
     for c, (kind, lr, _) in enumerate(result["configs"]):
         if kind != "sweep":
-            line, = axes[0].semilogy([s for s, _ in result["curves"]], [float(e[c * seeds]) for _, e in result["curves"]],
-                                     ls="-" if kind == "scaled" else ":", color=colors.get(lr), label=f"{kind}, lr {lr:g}")
+            errors = [float(e[c * seeds]) for _, e in result["curves"]]
+            line, = axes[0].semilogy([s for s, _ in result["curves"]], errors, ls="-" if kind == "scaled" else ":",
+                                     color=colors.get(lr), label=f"{kind}, lr {lr:g}")
             colors[lr] = line.get_color()
     axes[0].set(xlabel="step", ylabel="||w - w*||^2 (first seed)", title=f"fixed beta={beta0:g} (dotted) vs scaled")
     best = []

@@ -66,7 +66,7 @@ class History(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args):
         if self.monitor.last_step != trainer.global_step or not self.monitor.last_metrics:
             return
-        x, y = self.data
+        x, y = (t.to(pl_module.device) for t in self.data)
         with torch.no_grad():
             mse = float((pl_module(x) - y).pow(2).mean())
         metrics = self.monitor.last_metrics

@@ -53,7 +53,8 @@ def launched(tmp_path_factory):
         out = tmp_path_factory.mktemp(name)
         log = out / "stdout.txt"
         with open(log, "w") as sink:
-            command = [sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), "--tiny", "--out", str(out), *flags]
+            script = os.path.join(ROOT, "examples", f"{name}.py")
+            command = [sys.executable, script, "--tiny", "--out", str(out), *flags]
             runs[name] = (out, log, subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
     yield runs
     for _, _, process in runs.values():
