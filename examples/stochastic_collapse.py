@@ -116,8 +116,8 @@ def describe(results, keys, name, order_text) -> str:
     values = [final_fraction(results[key]) for key in keys]
     listed = ", ".join("diverged" if v is None else f"{v:.2f}" for v in values)
     finite = [v for v in values if v is not None]
-    trend = ("falls as " + order_text if all(a >= b for a, b in zip(finite, finite[1:])) and finite[0] > finite[-1]
-             else "no monotone fall")
+    falls = len(finite) > 1 and all(a >= b for a, b in zip(finite, finite[1:])) and finite[0] > finite[-1]
+    trend = "falls as " + order_text if falls else "no monotone fall"
     return f"{name} {listed} ({trend})"
 
 
