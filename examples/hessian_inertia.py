@@ -93,9 +93,11 @@ def main(argv=None):
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     prev = torch.tensor([r[2] for r in rows])
-    print(f"VERDICT hessian_inertia: top-{args.k} eigenspace overlap with the previous measurement "
-          f"median {float(prev.median()):.3f}, with the first {rows[-1][3]:.3f} after {rows[-1][0]} steps "
-          f"(random baseline {baseline:.1e})")
+    late = prev[len(prev) // 2:]
+    print(f"VERDICT hessian_inertia: top-{args.k} eigenspace overlap between consecutive measurements "
+          f"({args.every_n_steps} steps apart) median {float(late.median()):.3f} over the second half of training "
+          f"(first half {float(prev[:len(prev) // 2].median()):.3f}); overlap with the first measurement "
+          f"{rows[-1][3]:.3f} after {rows[-1][0]} steps (random baseline {baseline:.1e})")
     print(f"figure: {path}")
 
 

@@ -37,8 +37,9 @@ def test_quickstart_logs_every_monitor_to_wandb_and_saves_figures(tmp_path):
 
 @pytest.mark.parametrize("name, pattern", [
     ("edge_of_stability.py", r"VERDICT edge_of_stability\[gd\]: sharpness hovered at ([\d.]+) x threshold"),
-    ("hessian_inertia.py", r"VERDICT hessian_inertia: top-5 eigenspace overlap with the previous measurement "
-                           r"median ([\d.]+), with the first ([\d.]+)"),
+    ("hessian_inertia.py", r"VERDICT hessian_inertia: top-5 eigenspace overlap between consecutive measurements "
+                           r"\(\d+ steps apart\) median ([\d.]+) over the second half of training \(first half "
+                           r"([\d.]+)\); overlap with the first measurement ([\d.]+)"),
 ])
 def test_curvature_examples_print_a_verdict_and_save_a_figure(name, pattern, tmp_path):
     out = run_example(name, "--tiny", "--out", str(tmp_path))
