@@ -117,8 +117,10 @@ class Monitor(Callback):
 
     # -- measuring ------------------------------------------------------------------------------------------------
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Measure now (on every rank), log, and return the logged values; ``{}`` when skipped."""
+        """Measure now (on every rank), log, and return the logged values, also kept in ``last_metrics``;
+        ``{}`` when the measurement is skipped."""
         self.last_step = trainer.global_step
+        self.last_metrics = {}
         batch = self.probe.prepare(trainer, pl_module)
         with self.probe.session(pl_module) as module:
             try:
