@@ -6,8 +6,8 @@ it reaches 2/lr and then hovers at it while the loss keeps falling non-monotonic
 threshold is (2+2b)/lr; with Adam the preconditioned sharpness meets (2+2b1)/((1-b1) lr) = 38/lr at b1 = 0.9.
 
     python examples/edge_of_stability.py                      # GD, lr 0.2
-    python examples/edge_of_stability.py --optimizer momentum --lr 0.05
-    python examples/edge_of_stability.py --optimizer adam --lr 0.002 --steps 3000
+    python examples/edge_of_stability.py --optimizer momentum --lr 0.25
+    python examples/edge_of_stability.py --optimizer adam --lr 0.01
 """
 
 from __future__ import annotations
