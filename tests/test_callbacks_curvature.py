@@ -134,6 +134,16 @@ def test_resume_state_round_trips_with_weights_only(tmp_path):
     assert restored.last_step == 8
 
 
+def test_two_hessian_monitors_with_different_k_checkpoint_separately(tmp_path):
+    monitors = [HessianEigenMonitor(k=1, every_n_steps=4, probe_size=16),
+                HessianEigenMonitor(k=2, every_n_steps=4, probe_size=16)]
+    trainer = fit(Regression(), monitors, steps=4)
+    path = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["callbacks"]
+    assert {m.state_key for m in monitors} <= set(saved) and monitors[0].state_key != monitors[1].state_key
+
+
 def test_nan_probe_loss_skips_with_a_warning():
     def nan_loss(module, batch):
         return module.net(batch[0]).sum() * float("nan")

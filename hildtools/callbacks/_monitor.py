@@ -86,10 +86,16 @@ class Monitor(Callback):
     def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Hook for subclass checks once the probe batch is fixed (e.g. that double backward works)."""
 
+    def key_fields(self) -> dict:
+        """Constructor arguments that tell two monitors of one class apart in a checkpoint (e.g. ``k``, layers)."""
+        return {}
+
     # -- Lightning hooks ------------------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs)
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs, **self.key_fields()
+        )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = type(trainer.strategy).__name__

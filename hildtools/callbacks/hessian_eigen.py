@@ -78,6 +78,9 @@ class HessianEigenMonitor(CurvatureMonitor):
         self.vectors = None
         self.init_vectors = None
 
+    def key_fields(self) -> dict:
+        return {"k": self.k}
+
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
         result = self.guarded(
             hessian_eigenpairs, module, self.probe.loss, batch, k=self.k, tol=self.tol, max_iter=self.max_iter,
