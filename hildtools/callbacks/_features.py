@@ -61,6 +61,9 @@ class FeatureMonitor(Monitor):
         self.batch_size = batch_size
         self.figures = figures
 
+    def key_fields(self) -> dict:
+        return {"layers": self.layers, "capture": self.capture}
+
     def feature_capture(self, module: torch.nn.Module) -> FeatureCapture:
         return FeatureCapture(module, self.layers, self.capture, self.pool, self.projection_dim)
 

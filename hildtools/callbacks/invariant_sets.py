@@ -75,6 +75,9 @@ class InvariantSetMonitor(Monitor):
         self.figures = figures
         self.reported_skips = False
 
+    def key_fields(self) -> dict:
+        return {"layers": self.layers}
+
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
         report = invariant_sets(module, self.vanish_threshold, self.identical_threshold, self.chunk_size)
         if self.layers is not None:
