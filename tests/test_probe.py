@@ -224,3 +224,14 @@ def test_monitor_state_round_trips_with_weights_only(tmp_path):
     restored.load_state_dict(torch.load(path, weights_only=True))
     assert restored.last_step == 6
     assert all(torch.equal(a, b.cpu()) for a, b in zip(restored.probe.batch, monitor.probe.batch))
+
+
+def test_non_finite_values_are_dropped_and_the_rest_logged():
+    class InfMonitor(GradNormMonitor):
+        def measure(self, trainer, pl_module, module, batch):
+            return {"finite": 1.0, "infinite": float("inf"), "nan": float("nan")}
+
+    monitor = InfMonitor(every_n_steps=4, probe_size=16, measure_at_start=False)
+    with pytest.warns(UserWarning, match=r"non-finite.*test/infinite.*test/nan"):
+        fit([monitor], steps=4)
+    assert monitor.last_metrics == {"test/finite": 1.0}

@@ -2,12 +2,14 @@
 
 A subclass sets ``namespace`` and implements :meth:`Monitor.measure`; this base decides when to measure, draws and
 keeps the probe set, runs the measurement inside :meth:`hildtools.probe.Probe.session` (no side effects on
-training), skips non-finite results with a warning, logs under ``<namespace>/`` and round-trips its state through
-checkpoints (tensors and primitives only, so ``weights_only=True`` loading works).
+training), logs under ``<namespace>/`` and round-trips its state through
+checkpoints (tensors and primitives only, so ``weights_only=True`` loading works). Non-finite values are dropped
+with a warning (nothing NaN is logged); a measurement that cannot run raises :class:`SkipMeasurement`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -135,12 +137,10 @@ class Monitor(Callback):
                 rank_zero_warn(f"{type(self).__name__}: measurement at step {trainer.global_step} skipped: {reason}")
                 return {}
         values = {f"{self.namespace}/{name}": to_float(value) for name, value in metrics.items()}
-        bad = sorted(key for key, value in values.items() if value != value or abs(value) == float("inf"))
-        if bad:
-            rank_zero_warn(
-                f"{type(self).__name__}: measurement at step {trainer.global_step} skipped: non-finite {bad}"
-            )
-            return {}
+        bad = sorted(key for key, value in values.items() if not math.isfinite(value))
+        if bad:  # e.g. nc1 = inf while all class means coincide: the other values are still good
+            rank_zero_warn(f"{type(self).__name__}: at step {trainer.global_step} not logged (non-finite): {bad}")
+            values = {key: value for key, value in values.items() if key not in bad}
         self.last_metrics = log_metrics(trainer, values)
         return self.last_metrics
 
