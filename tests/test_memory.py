@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from hildtools.callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor
+from hildtools.callbacks import (
+    EdgeOfStabilityMonitor,
+    FeatureRankMonitor,
+    HessianEigenMonitor,
+    InvariantSetMonitor,
+    NeuralCollapseMonitor,
+    NTKAlignmentMonitor,
+)
 
 MONITORS = {
     "hessian": lambda batch: HessianEigenMonitor(k=2, every_n_steps=1, probe_data=batch, max_iter=2, trace=True,
@@ -62,4 +69,51 @@ def test_repeated_measurements_leave_memory_flat(name):
     measure(100)
     growth = resident_mb() - before
     assert growth < 25, f"resident memory grew by {growth:.1f} MB over 100 measurements"
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+
+
+def rss_recorder(last):
+    """A callback reading resident memory after step 10 and after the last step."""
+    import lightning.pytorch as pl
+
+    class RSSRecorder(pl.Callback):
+        readings = {}
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step in (10, last):
+                gc.collect()
+                self.readings[trainer.global_step] = resident_mb()
+
+    return RSSRecorder()
+
+
+DATA_MONITORS = {
+    "ntk": lambda: NTKAlignmentMonitor(every_n_steps=1, probe_size=16),
+    "neural_collapse": lambda: NeuralCollapseMonitor(num_classes=10, every_n_steps=1, probe_size=256),
+    "feature_rank": lambda: FeatureRankMonitor(every_n_steps=1, probe_size=256),
+    "invariant_sets": lambda: InvariantSetMonitor(every_n_steps=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATA_MONITORS))
+def test_repeated_measurements_of_the_other_monitors_leave_memory_flat(name):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class LitModule(Module, pl.LightningModule):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(512, 256), torch.randint(0, 10, (512,)))
+    module = LitModule()
+    recorder = rss_recorder(last=110)
+    monitor = DATA_MONITORS[name]()
+    trainer = pl.Trainer(max_steps=110, callbacks=[monitor, recorder], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(data, batch_size=64))
+    growth = recorder.readings[110] - recorder.readings[10]
+    assert monitor.last_metrics and monitor.last_step == 110
+    # one measurement's captured features or Jacobian is >= 256 KB here: 100 leaked ones would show as >= 25 MB
+    assert growth < 10, f"resident memory grew by {growth:.1f} MB over 100 measurements"
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
