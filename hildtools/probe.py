@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _NormBase
 
+from hildtools._checks import check_choice, check_int
 from hildtools.distributed import all_reduce_mean, is_distributed  # noqa: F401  (all_reduce_mean: for monitors)
 
 BN_MODES = ("eval", "train")
@@ -203,10 +204,8 @@ class Probe:
         unpack: Unpack | None = None,
         bn_mode: str = "eval",
     ) -> None:
-        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
-            raise ValueError(f"probe_size must be an integer >= 1, got {probe_size!r}")
-        if bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        check_int("probe_size", probe_size, 1)
+        check_choice("bn_mode", bn_mode, BN_MODES)
         for name, fn in (("loss_fn", loss_fn), ("unpack", unpack)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {type(fn).__name__}")

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from hildtools._checks import check_int, check_positive
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
 from hildtools.curvature import HessianOperator, NonFiniteLossError
 
@@ -21,13 +22,9 @@ class CurvatureMonitor(Monitor):
     """
 
     def __init__(self, *, tol: float, max_iter: int, min_iter: int = 1, **kwargs: Any) -> None:
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-            raise ValueError(f"tol must be a number > 0, got {tol!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < min_iter:
-            raise ValueError(f"max_iter must be an integer >= {min_iter}, got {max_iter!r}")
         super().__init__(**kwargs)
-        self.tol = float(tol)
-        self.max_iter = max_iter
+        self.tol = check_positive("tol", tol)
+        self.max_iter = check_int("max_iter", max_iter, min_iter)
 
     def guarded(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Call a curvature function; a non-finite probe loss becomes a skipped measurement."""

@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from hildtools._checks import check_int, check_positive
 from hildtools.callbacks._curvature import CurvatureMonitor
 from hildtools.callbacks._monitor import SkipMeasurement
 from hildtools.curvature import adam_preconditioner, hessian_eigenpairs, stability_threshold
@@ -73,10 +74,9 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         measure_at_start: bool = False,
         **kwargs: Any,
     ) -> None:
-        if isinstance(edge_ratio, bool) or not isinstance(edge_ratio, (int, float)) or not 0 < edge_ratio <= 2:
+        if check_positive("edge_ratio", edge_ratio) > 2:
             raise ValueError(f"edge_ratio must be in (0, 2], got {edge_ratio!r}")
-        if isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0:
-            raise ValueError(f"optimizer_index must be an integer >= 0, got {optimizer_index!r}")
+        check_int("optimizer_index", optimizer_index, 0)
         super().__init__(
             every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, bn_mode=bn_mode,
             measure_at_start=measure_at_start, **kwargs,

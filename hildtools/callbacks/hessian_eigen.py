@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from hildtools._checks import check_int
 from hildtools.callbacks._curvature import CurvatureMonitor
 from hildtools.curvature import hessian_eigenpairs, hessian_trace, spectral_density, subspace_overlap
 from hildtools.logging import log_figure, new_figure
@@ -62,10 +63,8 @@ class HessianEigenMonitor(CurvatureMonitor):
         bn_mode: str = "train",
         **kwargs: Any,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if isinstance(trace_samples, bool) or not isinstance(trace_samples, int) or trace_samples < 3:
-            raise ValueError(f"trace_samples must be an integer >= 3, got {trace_samples!r}")
+        check_int("k", k, 1)
+        check_int("trace_samples", trace_samples, 3)
         max_iter = max(60, 10 * k) if max_iter is None else max_iter
         super().__init__(
             every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, min_iter=k,

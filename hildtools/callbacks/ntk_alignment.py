@@ -32,7 +32,7 @@ from torch import Tensor
 
 from hildtools.callbacks._features import check_figures, wants_figures
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
-from hildtools.curvature._checks import check_choice
+from hildtools._checks import check_choice
 from hildtools.distributed import is_distributed
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.kernel import (

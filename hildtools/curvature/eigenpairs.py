@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hildtools.curvature._checks import check_choice, check_int, check_positive
+from hildtools._checks import check_choice, check_int, check_positive
 from hildtools.curvature.hvp import HessianOperator, LossFn
 from hildtools.curvature.lanczos import Eigenpairs, lanczos
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from hildtools.curvature._checks import check_choice
+from hildtools._checks import check_choice
 from hildtools.distributed import all_finite, all_reduce_mean
 from hildtools.probe import map_tensors, unwrap
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hildtools.curvature._checks import check_int, check_positive
+from hildtools._checks import check_int, check_positive
 from hildtools.curvature._random import gaussian_vector
 
 MatVec = Callable[[Tensor], Tensor]

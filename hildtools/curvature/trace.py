@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hildtools.curvature._checks import check_choice, check_int
+from hildtools._checks import check_choice, check_int
 from hildtools.curvature._random import rademacher_vector
 from hildtools.curvature.hvp import HessianOperator, LossFn
 from hildtools.curvature.lanczos import MatVec

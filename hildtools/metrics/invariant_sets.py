@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from hildtools._checks import check_int, check_positive
+
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
@@ -319,12 +321,10 @@ def _analyse(vectors: _NeuronVectors, vanish_threshold: float, identical_thresho
 
 
 def check_invariant_set_args(vanish_threshold: Any, identical_threshold: Any, chunk_size: Any) -> None:
-    """Raise ValueError for non-positive thresholds or ``chunk_size``."""
-    for name, value in (("vanish_threshold", vanish_threshold), ("identical_threshold", identical_threshold)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise ValueError(f"`{name}` must be a positive float, got {value!r}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
+    """Raise ValueError for thresholds that are not finite and positive, or a ``chunk_size`` below 1."""
+    check_positive("vanish_threshold", vanish_threshold)
+    check_positive("identical_threshold", identical_threshold)
+    check_int("chunk_size", chunk_size, 1)
 
 
 @torch.no_grad()

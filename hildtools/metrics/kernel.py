@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from hildtools.curvature._checks import check_int
+from hildtools._checks import check_int
 from hildtools.metrics.ntk import TangentModel, check_ntk_args
 
 

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
-from hildtools.curvature._checks import check_choice, check_int
+from hildtools._checks import check_choice, check_int
 from hildtools.distributed import all_reduce_mean, is_distributed
 from hildtools.probe import batch_size, map_tensors
 

@@ -1,4 +1,4 @@
-"""Argument checks shared by the curvature functions: a ValueError naming the argument and the accepted range."""
+"""Argument checks shared across hildtools: a ValueError naming the argument and the accepted range."""
 
 from __future__ import annotations
 
