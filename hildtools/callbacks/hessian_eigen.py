@@ -18,7 +18,10 @@ import lightning.pytorch as pl
 
 from hildtools._checks import check_int
 from hildtools.callbacks._curvature import CurvatureMonitor
-from hildtools.curvature import hessian_eigenpairs, hessian_trace, spectral_density, subspace_overlap
+from hildtools.curvature import HessianOperator, SpectralDensity, subspace_overlap
+from hildtools.curvature.density import lanczos_quadrature
+from hildtools.curvature.lanczos import lanczos
+from hildtools.curvature.trace import operator_trace
 from hildtools.logging import log_figure, new_figure
 
 
@@ -81,10 +84,10 @@ class HessianEigenMonitor(CurvatureMonitor):
         return {"k": self.k}
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
-        result = self.guarded(
-            hessian_eigenpairs, module, self.probe.loss, batch, k=self.k, tol=self.tol, max_iter=self.max_iter,
-            init=self.vectors, seed=self.last_step,
-        )
+        operator = self.guarded(HessianOperator, module, self.probe.loss, batch)  # one graph for every product
+        on = {"device": operator.device, "dtype": operator.dtype}
+        result = lanczos(operator.matvec, operator.size, self.k, tol=self.tol, max_iter=self.max_iter,
+                         init=self.vectors, seed=self.last_step, **on)
         values, vectors = result.eigenvalues, result.eigenvectors
         metrics = {f"eig_{i}": value for i, value in enumerate(values)}
         metrics["num_hvp"] = result.num_hvp
@@ -95,15 +98,15 @@ class HessianEigenMonitor(CurvatureMonitor):
         metrics["overlap_init"] = subspace_overlap(vectors, self.init_vectors)
         self.vectors = vectors
         if self.trace:
-            estimate = self.guarded(hessian_trace, module, self.probe.loss, batch, num_samples=self.trace_samples,
-                                    seed=self.last_step)
+            estimate = operator_trace(operator.matvec, operator.size, num_samples=self.trace_samples,
+                                      seed=self.last_step, **on)
             metrics["trace"] = estimate.estimate
         if self.density:
-            self.log_density(trainer, module, batch)
+            density = lanczos_quadrature(operator.matvec, operator.size, seed=self.last_step, **on)
+            self.log_density(trainer, density)
         return metrics
 
-    def log_density(self, trainer: pl.Trainer, module: Any, batch: Any) -> None:
-        density = self.guarded(spectral_density, module, self.probe.loss, batch, seed=self.last_step)
+    def log_density(self, trainer: pl.Trainer, density: SpectralDensity) -> None:
         figure_axes = new_figure(figsize=(5, 3))
         if figure_axes is None:
             return
