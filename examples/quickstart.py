@@ -33,14 +33,14 @@ from hildtools.optimizers.sam import check_lightning_compat
 
 
 class DigitsCNN(pl.LightningModule):
-    """Conv(1->16)-ReLU-Conv(16->32)-ReLU-pool-Linear(32->64)-ReLU-Linear(64->10), trained with SAM over SGD."""
+    """Conv(1->16)-ReLU-Conv(16->32)-ReLU-maxpool-Linear(512->64)-ReLU-Linear(64->10), trained with SAM over SGD."""
 
     def __init__(self, lr: float = 0.05, momentum: float = 0.9, rho: float = 0.05):
         super().__init__()
         self.save_hyperparameters()
         self.features = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 64), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 64), nn.ReLU(),
         )
         self.classifier = nn.Linear(64, 10)
 
