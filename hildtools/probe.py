@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _NormBase
 
 from hildtools._checks import check_choice, check_int
-from hildtools.distributed import all_reduce_mean, is_distributed  # noqa: F401  (all_reduce_mean: for monitors)
+from hildtools.distributed import is_distributed
 
 BN_MODES = ("eval", "train")
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
-from hildtools.probe import Probe, all_reduce_mean, default_unpack, draw_examples, training_step_loss
+from hildtools.probe import Probe, default_unpack, draw_examples, training_step_loss
 
 
 def bn_net():
@@ -148,11 +148,6 @@ def test_bad_arguments_name_the_argument():
         Monitor(every_n_steps=2, every_n_epochs=1)
     with pytest.raises(ValueError, match="exactly one"):
         Monitor()
-
-
-def test_all_reduce_mean_is_identity_without_distributed():
-    t = torch.tensor([1.0, 2.0])
-    assert all_reduce_mean(t) is t
 
 
 # ---------------------------------------------------------------------------------------------------------------
