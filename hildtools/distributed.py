@@ -40,3 +40,12 @@ def all_finite(tensor: Tensor) -> bool:
     if is_distributed():
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return not bool(bad.item())
+
+
+def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest of the ranks' integers ``value`` (``device``: where the process group's backend works)."""
+    if not is_distributed():
+        return value
+    packed = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
+    return int(packed.item())

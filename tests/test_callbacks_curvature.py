@@ -8,11 +8,12 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from hildtools.callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor
+from hildtools.callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor, InvariantSetMonitor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
@@ -216,14 +217,11 @@ def test_model_without_double_backward_fails_at_fit_start():
         fit(Fused(), [HessianEigenMonitor(k=1, every_n_steps=2, probe_size=16)], steps=2)
 
 
-def test_sharded_strategy_is_refused_in_setup():
-    monitor = HessianEigenMonitor(k=1, every_n_steps=2)
-
-    class FSDPStrategy:  # stands in for Lightning's: the check is by strategy class name
-        pass
-
-    trainer = type("T", (), {"strategy": FSDPStrategy()})()
-    with pytest.raises(RuntimeError, match="FSDPStrategy.*ddp"):
+@pytest.mark.parametrize("monitor", [HessianEigenMonitor(k=1, every_n_steps=2), InvariantSetMonitor()])
+def test_deepspeed_is_refused_in_setup(monitor):
+    """(FSDP runs are in test_fsdp.py. DeepSpeed is not installed here: an uninitialised instance stands in.)"""
+    trainer = type("T", (), {"strategy": DeepSpeedStrategy.__new__(DeepSpeedStrategy)})()
+    with pytest.raises(RuntimeError, match="DeepSpeedStrategy is not supported.*ddp"):
         monitor.setup(trainer, None, "fit")
 
 

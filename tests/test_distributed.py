@@ -3,7 +3,7 @@
 import torch
 
 from ddp_utils import run_ranks
-from hildtools.distributed import all_finite, all_reduce_mean, all_reduce_weighted_mean
+from hildtools.distributed import all_finite, all_reduce_max, all_reduce_mean, all_reduce_weighted_mean
 
 
 def collectives(rank, world_size):
@@ -15,6 +15,7 @@ def collectives(rank, world_size):
         "finite_everywhere": all_finite(torch.tensor(1.0)),
         "finite_with_nan": all_finite(nan_on_rank1),
         "local_untouched": local,
+        "max": all_reduce_max(5 - 3 * rank),
     }
 
 
@@ -25,6 +26,7 @@ def test_collectives_on_two_ranks():
         # (3 * [1, 2] + 1 * [2, 4]) / 4
         assert torch.allclose(out["weighted"], torch.tensor([1.25, 2.5]))
         assert out["finite_everywhere"] is True and out["finite_with_nan"] is False
+        assert out["max"] == 5
         assert torch.equal(out["local_untouched"], torch.tensor([1.0, 2.0]) * (rank + 1))
 
 
@@ -32,3 +34,4 @@ def test_single_process_is_a_no_op():
     t = torch.tensor([1.0])
     assert all_reduce_mean(t) is t and all_reduce_weighted_mean(t, 5) is t
     assert all_finite(t) and not all_finite(torch.tensor([float("inf")]))
+    assert all_reduce_max(-2) == -2

@@ -11,10 +11,11 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
-from hildtools.distributed import all_finite
+from hildtools.distributed import all_finite, all_reduce_max
 from hildtools.metrics.capture import FeatureCapture, check_capture_args
 from hildtools.probe import batch_size as num_examples
-from hildtools.probe import map_tensors, unwrap
+from hildtools.probe import map_tensors, module_device, unwrap
+from hildtools.sharding import forward_module, sharding
 
 
 def wants_figures(figures: bool | None, trainer: pl.Trainer) -> bool:
@@ -32,6 +33,9 @@ def check_figures(figures: Any) -> None:
 class FeatureMonitor(Monitor):
     """A :class:`Monitor` that runs the model on the probe inputs and captures named layers' features.
 
+    Under FSDP the forward runs on every rank through the sharded model (FSDP gathers each layer's parameters);
+    ranks with fewer probe chunks run extra, uncaptured forwards so that every rank joins every gather.
+
     Args:
         layers: module names (relative to the LightningModule), or ``None`` for the last ``nn.Linear``.
         capture, pool, projection_dim: see :class:`hildtools.metrics.FeatureCapture`.
@@ -39,6 +43,8 @@ class FeatureMonitor(Monitor):
         figures: ``None`` (pictures only with a W&B logger), ``True`` (also PNG files) or ``False``.
         **kwargs: the shared :class:`Monitor` arguments.
     """
+
+    runs_under_fsdp = True
 
     def __init__(
         self,
@@ -70,17 +76,23 @@ class FeatureMonitor(Monitor):
     def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.feature_capture(unwrap(pl_module))  # unknown layer names fail here, before training
 
-    def probe_features(self, module: torch.nn.Module, batch: Any) -> tuple[FeatureCapture, Any, Tensor | None]:
+    def probe_features(
+        self, trainer: pl.Trainer, module: torch.nn.Module, batch: Any
+    ) -> tuple[FeatureCapture, Any, Tensor | None]:
         """Forward the probe inputs in chunks; returns the capture, the targets and the stacked outputs.
 
         Raises :class:`SkipMeasurement` when a captured feature is NaN/inf on any rank.
         """
         inputs, targets = self.probe.unpack(batch)
-        outputs = []
+        model = forward_module(trainer, module)
+        chunks = [map_tensors(lambda t: t[start : start + self.batch_size], inputs)
+                  for start in range(0, num_examples(inputs), self.batch_size)]  # fmt: skip
+        padding = self.padding_forwards(trainer, module, len(chunks))
         with self.feature_capture(module) as capture, torch.no_grad():
-            for start in range(0, num_examples(inputs), self.batch_size):
-                chunk = map_tensors(lambda t: t[start : start + self.batch_size], inputs)
-                outputs.append(module(**chunk) if isinstance(chunk, Mapping) else module(chunk))
+            outputs = [_call(model, chunk) for chunk in chunks]
+        with torch.no_grad():
+            for _ in range(padding):
+                _call(model, chunks[0])
         missing = [name for name in capture.layers if name not in capture.features]
         if missing:
             raise ValueError(f"{type(self).__name__}: layers {missing} were not called by the model's forward")
@@ -89,4 +101,18 @@ class FeatureMonitor(Monitor):
                 raise SkipMeasurement(f"features of layer {name!r} contain NaN/inf")
         stacked = torch.cat(outputs) if all(isinstance(out, Tensor) for out in outputs) else None
         return capture, targets, stacked
+
+    def padding_forwards(self, trainer: pl.Trainer, module: torch.nn.Module, num_chunks: int) -> int:
+        """Under FSDP: the extra forwards this rank runs so every rank runs as many as the rank with most chunks.
+        A rank without probe examples cannot join, so then every rank skips (no hang)."""
+        if sharding(trainer) is None:
+            return 0
+        device = module_device(module)
+        if all_reduce_max(-num_chunks, device) == 0:
+            raise SkipMeasurement("a rank has no probe examples; under FSDP every rank must run the forward")
+        return all_reduce_max(num_chunks, device) - num_chunks
+
+
+def _call(model: torch.nn.Module, inputs: Any) -> Any:
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 

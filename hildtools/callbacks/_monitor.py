@@ -18,8 +18,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from hildtools.logging import log_metrics, to_float
 from hildtools.probe import LossFn, Probe, Unpack
+from hildtools.sharding import sharding, unsupported_strategy
 
-SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+FSDP_MONITORS = ("NeuralCollapseMonitor", "FeatureRankMonitor", "InvariantSetMonitor")
 
 
 class SkipMeasurement(Exception):
@@ -52,6 +53,7 @@ class Monitor(Callback):
     """
 
     namespace = "monitor"
+    runs_under_fsdp = False  # True for monitors that need only forward passes or weights (see hildtools.sharding)
 
     def __init__(
         self,
@@ -100,12 +102,15 @@ class Monitor(Callback):
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in SHARDED_STRATEGIES:
+        name, strategy = type(self).__name__, type(trainer.strategy).__name__
+        reason = unsupported_strategy(trainer)
+        if reason is not None:
+            raise RuntimeError(f"{name}: {reason}. Use strategy='ddp' (or a single device) for runs you diagnose.")
+        if sharding(trainer) is not None and not self.runs_under_fsdp:
             raise RuntimeError(
-                f"{type(self).__name__} does not support {strategy}: its parameters are sharded across ranks, so "
-                "the probe cannot evaluate the model locally. Use strategy='ddp' (or a single device) for runs you "
-                "diagnose, or apply hildtools' functional API to a gathered copy of the model."
+                f"{name} does not support {strategy}: it differentiates through the model (double backward or "
+                "per-example Jacobians), which sharded parameters do not allow. Under FSDP only "
+                f"{', '.join(FSDP_MONITORS)} run; use strategy='ddp' (or a single device) for this one."
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -69,7 +69,7 @@ class FeatureRankMonitor(FeatureMonitor):
         self.threshold, self.center = threshold, center
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
-        capture, _, _ = self.probe_features(module, batch)
+        capture, _, _ = self.probe_features(trainer, module, batch)
         metrics = {}
         for name, features in capture.features.items():
             rank = FeatureRank(self.threshold, self.center).to(features.device)

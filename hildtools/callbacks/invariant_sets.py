@@ -2,7 +2,8 @@
 
 Measured every ``every_n_steps`` optimizer steps (or ``every_n_epochs`` epochs) with
 :func:`hildtools.metrics.invariant_sets` on the unwrapped model: data-free, identical on every rank, nothing of
-training touched. Logged under ``collapse/<layer>/`` for every Linear/Conv layer with a known consumer:
+training touched. Under FSDP the parameters are gathered whole on every rank for the measurement
+(:func:`hildtools.sharding.full_parameters`) and resharded after it. Logged under ``collapse/<layer>/`` for every Linear/Conv layer with a known consumer:
 ``independent_fraction``, ``num_vanishing``, ``num_identical_groups`` and ``largest_group``. Layers that cannot be
 analysed (residual adds, the output layer, untraceable models) are listed once, with the reason, at the first
 measurement. With W&B: a histogram of each neuron's nearest-neighbour distance (threshold-free; a peak near 0
@@ -23,6 +24,7 @@ from hildtools.callbacks._features import check_figures, wants_figures
 from hildtools.callbacks._monitor import Monitor
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.invariant_sets import LayerInvariantSets, check_invariant_set_args, invariant_sets
+from hildtools.sharding import full_parameters
 
 
 class InvariantSetMonitor(Monitor):
@@ -48,6 +50,7 @@ class InvariantSetMonitor(Monitor):
     """
 
     namespace = "collapse"
+    runs_under_fsdp = True
 
     def __init__(
         self,
@@ -79,7 +82,8 @@ class InvariantSetMonitor(Monitor):
         return {"layers": self.layers}
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
-        report = invariant_sets(module, self.vanish_threshold, self.identical_threshold, self.chunk_size)
+        with full_parameters(trainer, module):
+            report = invariant_sets(module, self.vanish_threshold, self.identical_threshold, self.chunk_size)
         if self.layers is not None:
             unknown = [name for name in self.layers if name not in report.layers]
             if unknown:

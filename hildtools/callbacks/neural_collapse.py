@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from hildtools.callbacks._features import FeatureMonitor, wants_figures
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.neural_collapse import NeuralCollapse
+from hildtools.sharding import full_parameters, modules_by_name
 
 
 class NeuralCollapseMonitor(FeatureMonitor):
@@ -71,21 +72,23 @@ class NeuralCollapseMonitor(FeatureMonitor):
         )  # fmt: skip
         self.num_classes = num_classes
 
-    def classifier_weight(self, module: nn.Module, name: str) -> Tensor | None:
-        """The weight of a Linear layer whose input is captured and that has C outputs (for NC3)."""
-        layer = module.get_submodule(name)
+    def classifier_weight(self, trainer: pl.Trainer, module: nn.Module, name: str) -> Tensor | None:
+        """The weight of a Linear layer whose input is captured and that has C outputs (for NC3), gathered whole
+        under FSDP."""
+        layer = modules_by_name(module)[name]
         if self.capture == "input" and isinstance(layer, nn.Linear) and layer.out_features == self.num_classes:
-            return layer.weight
+            with full_parameters(trainer, module):
+                return layer.weight.detach().clone()
         return None
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
-        capture, labels, outputs = self.probe_features(module, batch)
+        capture, labels, outputs = self.probe_features(trainer, module, batch)
         if not isinstance(labels, Tensor):
             raise ValueError("NeuralCollapseMonitor needs class labels: unpack(batch) must return (inputs, labels)")
         predictions = outputs if outputs is not None and outputs.shape == (len(labels), self.num_classes) else None
         metrics = {}
         for name, features in capture.features.items():
-            weight = self.classifier_weight(module, name)
+            weight = self.classifier_weight(trainer, module, name)
             collapse = NeuralCollapse(self.num_classes, features.shape[1], weight).to(features.device)
             collapse.update(features, labels, predictions)
             collapse.start_second_pass()

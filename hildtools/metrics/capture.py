@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hildtools.sharding import modules_by_name
+
 _CAPTURES = ("input", "output")
 _POOLS = ("avg", "flatten")
 
@@ -26,7 +28,7 @@ def check_capture_args(capture: Any, pool: Any, projection_dim: Any) -> None:
 
 def default_layer(model: nn.Module) -> str:
     """Name of the last ``nn.Linear`` in ``model.named_modules()`` order (usually the classifier)."""
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    names = [name for name, module in modules_by_name(model).items() if isinstance(module, nn.Linear)]
     if not names:
         raise ValueError("no nn.Linear found in the model: pass `layers` (module names) explicitly")
     return names[-1]
@@ -50,7 +52,8 @@ class FeatureCapture:
 
     Args:
         model: the module to hook.
-        layers: a module name, a sequence of names, or ``None`` for the last ``nn.Linear``
+        layers: a module name (as in ``named_modules()``, FSDP1 wrapper components removed: see
+            :func:`hildtools.sharding.clean_name`), a sequence of names, or ``None`` for the last ``nn.Linear``
             (see :func:`default_layer`).
         capture: ``"input"`` (first positional argument; default: the classifier's input, i.e.
             the penultimate features) or ``"output"``.
@@ -80,7 +83,7 @@ class FeatureCapture:
         seed: int = 0,
     ) -> None:
         check_capture_args(capture, pool, projection_dim)
-        modules = dict(model.named_modules())
+        modules = modules_by_name(model)
         names = [default_layer(model)] if layers is None else [layers] if isinstance(layers, str) else list(layers)
         if not names:
             raise ValueError("`layers` must name at least one module")

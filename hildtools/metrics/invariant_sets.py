@@ -13,7 +13,8 @@ channel). With ``w_i`` these vectors:
 - identical pairs are grouped into connected components (union-find); ``num_independent`` counts
   the components among non-vanishing neurons and ``independent_fraction = num_independent / n``.
 
-The consumer is found with ``torch.fx.symbolic_trace`` through elementwise activations, dropout,
+The consumer is found by tracing the model with ``torch.fx`` (FSDP wrappers seen through:
+:class:`hildtools.sharding.UnwrappingTracer`) through elementwise activations, dropout,
 pooling (after convolutions), BatchNorm and flatten. Layers whose output is used elsewhere (residual adds, concatenations,
 several consumers), the network output, shared modules and untraceable models are skipped, with the
 reason. Distances come from fp64 Gram blocks of ``chunk_size`` x ``chunk_size`` neurons (no TF32, memory
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from hildtools._checks import check_int, check_positive
+from hildtools.sharding import UnwrappingTracer, clean_name
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -340,7 +342,9 @@ def invariant_sets(
     in the module docstring; thresholds default to the paper's 0.1 and 0.1.
 
     Args:
-        model: the (unwrapped) model; traced with ``torch.fx.symbolic_trace``.
+        model: the model, traced with ``torch.fx``; under FSDP call it inside
+            :func:`hildtools.sharding.full_parameters` (layer names are then reported without FSDP1's
+            ``_fsdp_wrapped_module``).
         vanish_threshold: relative norm below which a neuron is vanishing, > 0.
         identical_threshold: normalised squared distance below which two neurons are identical, > 0.
         chunk_size: neurons per Gram block; memory ~ 2 * chunk_size * vector length * 8 bytes.
@@ -369,7 +373,7 @@ def invariant_sets(
     modules = dict(model.named_modules())
     producers = [name for name, module in modules.items() if isinstance(module, _PRODUCERS)]
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = UnwrappingTracer().trace(model)
     except Exception as error:  # noqa: BLE001 - any tracing failure means: no graph, skip everything
         reason = f"torch.fx could not trace the model ({type(error).__name__}: {error})"
         return InvariantSetReport({}, {name: reason for name in producers})
@@ -391,9 +395,13 @@ def invariant_sets(
             vectors, vanish_threshold, identical_threshold, chunk_size
         )
         layers[name] = LayerInvariantSets(
-            name, link.consumer, vectors.num, num_vanishing, group_sizes, num_independent, nearest
-        )
+            clean_name(name), clean_name(link.consumer), vectors.num, num_vanishing, group_sizes, num_independent,
+            nearest,
+        )  # fmt: skip
     for name in producers:
         if name not in layers and name not in skipped:
             skipped[name] = "not called as a module in the traced graph (e.g. inside a leaf module)"
-    return InvariantSetReport(layers, skipped)
+    return InvariantSetReport(
+        {clean_name(name): layer for name, layer in layers.items()},
+        {clean_name(name): reason for name, reason in skipped.items()},
+    )
