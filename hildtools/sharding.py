@@ -20,12 +20,14 @@ from typing import Any
 from torch import fx, nn
 
 try:
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.fsdp import FlatParameter, FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
 
     FSDP1_TYPES: tuple[type, ...] = (FullyShardedDataParallel,)
     FSDP2_TYPES: tuple[type, ...] = (FSDPModule,)
+    SHARDED_PARAMETER_TYPES: tuple[type, ...] = (DTensor, FlatParameter)
 except ImportError:  # torch built without distributed support: nothing can be sharded
-    FSDP1_TYPES = FSDP2_TYPES = ()
+    FSDP1_TYPES = FSDP2_TYPES = SHARDED_PARAMETER_TYPES = ()
 
 WRAPPER_PREFIX = "_fsdp_wrapped_module"
 
@@ -57,6 +59,13 @@ def unsupported_strategy(trainer: Any) -> str | None:
             "ranks, so features and weights are not whole on any rank; use tensor_parallel_size=1 (pure FSDP2)"
         )
     return None
+
+
+def sharded_parameter_type(parameter: Any) -> str | None:
+    """``"DTensor"`` (FSDP2) or ``"FlatParameter"`` (FSDP1 without ``use_orig_params``) for a sharded parameter,
+    else ``None``. FSDP1 with ``use_orig_params=True`` shows plain tensors: not detectable here."""
+    kind = next((t for t in SHARDED_PARAMETER_TYPES if isinstance(parameter, t)), None)
+    return kind.__name__ if kind is not None else None
 
 
 def clean_name(name: str) -> str:

@@ -3,6 +3,7 @@
 run and equal the functional API on the whole model and the union of the ranks' probe data, with unequal probe
 shards and without changing training; the monitors that differentiate through the model refuse in ``setup``."""
 
+import functools
 import re
 
 import lightning.pytorch as pl
@@ -22,6 +23,8 @@ from hildtools.callbacks import (
     NTKAlignmentMonitor,
 )
 from hildtools.metrics import FeatureCapture, feature_rank, invariant_sets, neural_collapse
+from hildtools.optimizers import NGN, SAM, Lion, Signum
+from hildtools.optimizers.sam import check_lightning_compat
 from hildtools.sharding import UnwrappingTracer, clean_name, full_parameters, modules_by_name
 
 NUM_CLASSES = 3
@@ -41,10 +44,10 @@ class Net(pl.LightningModule):
     """An MLP with two identical neurons planted in ``net.0`` (an invariant set SGD keeps) and a parameter of the
     root module (``scale``), which FSDP shards with the root."""
 
-    def __init__(self, sharding=None):
+    def __init__(self, sharding=None, optimizer=torch.optim.SGD):
         super().__init__()
         torch.manual_seed(0)
-        self.sharding = sharding
+        self.sharding, self.optimizer = sharding, optimizer
         self.net = nn.Sequential(
             nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, NUM_CLASSES)
         )  # fmt: skip
@@ -71,10 +74,12 @@ class Net(pl.LightningModule):
         return nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return self.optimizer(self.parameters(), lr=0.1 if self.optimizer is torch.optim.SGD else 1e-3)
 
 
 def make_strategy(sharding, world_size):
+    if sharding == "ddp":
+        return "ddp"
     if sharding.startswith("fsdp") and sharding != "fsdp2":  # "fsdp_flat": FSDP1's flat parameters
         return CPUFSDPStrategy(auto_wrap_policy={nn.Linear}, use_orig_params=sharding == "fsdp")
     return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1)
@@ -163,36 +168,75 @@ def test_monitors_leave_fsdp_training_bitwise_unchanged(sharding):
             assert torch.equal(value, with_monitors[key]), key
 
 
-def refused_on_rank(rank, world_size, sharding, monitor_name, tensor_parallel):
-    monitor = {
-        "hessian": lambda: HessianEigenMonitor(k=1, every_n_steps=2),
-        "eos": lambda: EdgeOfStabilityMonitor(every_n_steps=2),
-        "ntk": lambda: NTKAlignmentMonitor(every_n_steps=2),
-        "rank": lambda: FeatureRankMonitor(every_n_steps=2),
-    }[monitor_name]()
+def train_with(rank, world_size, optimizer):
+    states = []
+    for sharding in ("ddp", "fsdp", "fsdp2"):
+        full = FullWeights()
+        generator = torch.Generator().manual_seed(1)
+        data = TensorDataset(torch.randn(32, 5, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+        trainer = pl.Trainer(
+            strategy=make_strategy(sharding, world_size), accelerator="cpu", devices=world_size, max_steps=4,
+            callbacks=[full], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(Net(None if sharding == "ddp" else sharding, optimizer), DataLoader(data, batch_size=8))
+        states.append(full.state)
+    return states
+
+
+@pytest.mark.parametrize("optimizer", [Lion, Signum])
+def test_elementwise_optimizers_train_the_same_under_fsdp_as_under_ddp(optimizer):
+    for ddp, *sharded in run_ranks(train_with, optimizer, timeout=180):
+        for state in sharded:
+            for key, value in ddp.items():
+                torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6)
+
+
+class SAMNet(Net):
+    def on_fit_start(self):
+        check_lightning_compat(self.trainer)
+
+
+def refused_on_rank(rank, world_size, sharding, name, tensor_parallel):
+    callbacks, module = [], Net(None if tensor_parallel else sharding)
+    if name == "sam":
+        module = SAMNet(sharding, functools.partial(SAM, base_optimizer=torch.optim.SGD))
+    elif name == "ngn":
+        module = Net(sharding, NGN)
+    else:
+        callbacks = [{
+            "hessian": lambda: HessianEigenMonitor(k=1, every_n_steps=2),
+            "eos": lambda: EdgeOfStabilityMonitor(every_n_steps=2),
+            "ntk": lambda: NTKAlignmentMonitor(every_n_steps=2),
+            "rank": lambda: FeatureRankMonitor(every_n_steps=2),
+        }[name]()]  # fmt: skip
     strategy = (
         ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=world_size)
         if tensor_parallel else make_strategy(sharding, world_size)
     )  # fmt: skip
-    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_steps=1, callbacks=[monitor],
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_steps=1, callbacks=callbacks,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False)
     data = TensorDataset(torch.randn(16, 5), torch.randint(0, NUM_CLASSES, (16,)))
     try:
-        trainer.fit(Net(None if tensor_parallel else sharding), DataLoader(data, batch_size=8))
-    except RuntimeError as error:
+        trainer.fit(module, DataLoader(data, batch_size=8))
+    except (RuntimeError, ValueError) as error:
         return str(error)
     return None
 
 
 @pytest.mark.parametrize(
-    "sharding, monitor, tensor_parallel, message",
+    "sharding, name, tensor_parallel, message",
     [("fsdp", "hessian", False, "HessianEigenMonitor does not support CPUFSDPStrategy.*double backward"),
      ("fsdp2", "eos", False, "EdgeOfStabilityMonitor does not support ModelParallelStrategy"),
      ("fsdp", "ntk", False, "NTKAlignmentMonitor does not support.*FeatureRankMonitor"),
-     ("fsdp2", "rank", True, "tensor parallelism.*tensor_parallel_size=1")],
+     ("fsdp2", "rank", True, "tensor parallelism.*tensor_parallel_size=1"),
+     ("fsdp", "sam", False, "SAM does not support CPUFSDPStrategy.*shard's norm"),
+     ("fsdp2", "sam", False, "SAM does not support FSDP-sharded parameters \\(DTensor\\)"),
+     ("fsdp_flat", "ngn", False, "NGN does not support FSDP-sharded parameters \\(FlatParameter\\)"),
+     ("fsdp2", "ngn", False, "NGN does not support FSDP-sharded parameters \\(DTensor\\)")],
 )
-def test_monitors_that_cannot_run_refuse_in_setup(sharding, monitor, tensor_parallel, message):
-    for error in run_ranks(refused_on_rank, sharding, monitor, tensor_parallel, timeout=120):
+def test_what_cannot_run_under_fsdp_refuses_clearly(sharding, name, tensor_parallel, message):
+    for error in run_ranks(refused_on_rank, sharding, name, tensor_parallel, timeout=120):
         assert error is not None and re.search(message, error), error
 
 

@@ -11,6 +11,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from hildtools.sharding import sharded_parameter_type
+
 
 def check_number(name: str, value: object, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
     """Raise unless ``value`` is a real number in ``[low, high]`` (``[low, high)`` with ``high_open``).
@@ -152,3 +154,16 @@ def compiled(fn: Callable) -> Callable:
     schedules reuse the graph instead of recompiling.
     """
     return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def check_unsharded(name: str, optimizer: Optimizer) -> None:
+    """Raise for FSDP-sharded parameters (:func:`hildtools.sharding.sharded_parameter_type`), whose local gradient
+    is a shard: a step that needs the whole gradient's norm would use the shard's."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            kind = sharded_parameter_type(p)
+            if kind is not None:
+                raise ValueError(
+                    f"{name} does not support FSDP-sharded parameters ({kind}): its step uses the norm of the whole "
+                    "gradient, and each rank holds a shard. Use DDP, or Lion/Signum, which are elementwise."
+                )

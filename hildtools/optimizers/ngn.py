@@ -17,6 +17,7 @@ from hildtools.optimizers._common import (
     check_beta,
     check_number,
     check_path_flags,
+    check_unsharded,
     groups_with_grad,
     keep_if,
     squared_norm,
@@ -107,6 +108,7 @@ class NGN(Optimizer):
             "foreach": foreach,
         }
         super().__init__(params, defaults)
+        check_unsharded("NGN", self)
         self._report = _SkipReport()
 
     def __setstate__(self, state: dict) -> None:

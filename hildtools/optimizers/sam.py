@@ -17,10 +17,12 @@ from hildtools.optimizers._common import (
     by_device_and_dtype,
     check_flag,
     check_number,
+    check_unsharded,
     groups_with_grad,
     squared_norm,
     use_foreach,
 )
+from hildtools.sharding import sharding
 
 __all__ = ["SAM", "check_lightning_compat", "frozen_norm_stats"]
 
@@ -113,6 +115,7 @@ class SAM(Optimizer):
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         super().__init__(params, {"rho": rho, "adaptive": adaptive, "eta": eta})
+        check_unsharded("SAM", self)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         if not isinstance(self.base_optimizer, Optimizer):
             raise TypeError(f"base_optimizer built a {type(self.base_optimizer).__name__}, not a torch Optimizer")
@@ -336,7 +339,8 @@ def check_lightning_compat(trainer: Any) -> None:
       runs the closure once itself and steps without it;
     - automatic optimization with ``accumulate_grad_batches > 1``: the closure does not zero the
       gradients between micro-batches, so the second pass would add to the first;
-    - DeepSpeed, which steps without the closure.
+    - DeepSpeed, which steps without the closure;
+    - FSDP: each rank holds a shard of the gradient, so rho g/||g|| would use the shard's norm.
 
     It also sets ``sam.model = trainer.model`` where SAM has no model, so BatchNorm statistics move
     once per step and, under DDP, the first pass skips the gradient all-reduce.
@@ -355,6 +359,11 @@ def check_lightning_compat(trainer: Any) -> None:
         return
     if isinstance(trainer.strategy, DeepSpeedStrategy):
         raise ValueError("SAM does not support DeepSpeed: it steps the optimizer without the closure")
+    if sharding(trainer) is not None:
+        raise ValueError(
+            f"SAM does not support {type(trainer.strategy).__name__}: under FSDP each rank holds a shard of the "
+            "gradient, so the perturbation rho g/||g|| would use the shard's norm. Use strategy='ddp'."
+        )
     if trainer.lightning_module.automatic_optimization:
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(
