@@ -1,7 +1,8 @@
 """Monitors under FSDP (2 CPU processes, gloo): Lightning's FSDPStrategy (FSDP1) and ModelParallelStrategy with
 ``fully_shard`` (FSDP2). The forward-only and weight-only monitors (neural collapse, feature rank, invariant sets)
-run and equal the functional API on the whole model and the union of the ranks' probe data, with unequal probe
-shards and without changing training; the monitors that differentiate through the model refuse in ``setup``."""
+run and equal the functional API on the whole model and the union of the ranks' probe data (as under DDP, tested
+alongside), with unequal probe shards and without changing training; the monitors that differentiate through the
+model, and SAM and NGN, refuse clearly; Lion and Signum train as under DDP."""
 
 import functools
 import re
@@ -138,7 +139,7 @@ def reference(state):
 
 
 @pytest.mark.parametrize("sizes", [(20, 20), (28, 12)], ids=["equal", "unequal"])
-@pytest.mark.parametrize("sharding", ["fsdp", "fsdp_flat", "fsdp2"])
+@pytest.mark.parametrize("sharding", ["fsdp", "fsdp_flat", "fsdp2", "ddp"])
 def test_forward_and_weight_monitors_equal_the_whole_model(sharding, sizes):
     first, second = run_ranks(fit_on_rank, sharding, sizes, timeout=180)
     assert first["metrics"] == second["metrics"]  # every rank holds the same values
