@@ -51,7 +51,7 @@ def unsupported_strategy(trainer: Any) -> str | None:
 
     strategy = getattr(trainer, "strategy", None)
     name = type(strategy).__name__
-    if isinstance(strategy, DeepSpeedStrategy) or "XLAFSDP" in name:
+    if isinstance(strategy, DeepSpeedStrategy):
         return f"{name} is not supported (its sharded parameters and engine-owned forward are not handled)"
     if isinstance(strategy, ModelParallelStrategy) and strategy.device_mesh["tensor_parallel"].size() > 1:
         return (

@@ -14,7 +14,7 @@ from hildtools.callbacks._monitor import Monitor, SkipMeasurement
 from hildtools.distributed import all_finite, all_reduce_max
 from hildtools.metrics.capture import FeatureCapture, check_capture_args
 from hildtools.probe import batch_size as num_examples
-from hildtools.probe import map_tensors, module_device, unwrap
+from hildtools.probe import map_tensors, unwrap
 from hildtools.sharding import forward_module, sharding
 
 
@@ -87,7 +87,7 @@ class FeatureMonitor(Monitor):
         model = forward_module(trainer, module)
         chunks = [map_tensors(lambda t: t[start : start + self.batch_size], inputs)
                   for start in range(0, num_examples(inputs), self.batch_size)]  # fmt: skip
-        padding = self.padding_forwards(trainer, module, len(chunks))
+        padding = self.padding_forwards(trainer, len(chunks))
         with self.feature_capture(module) as capture, torch.no_grad():
             outputs = [_call(model, chunk) for chunk in chunks]
         with torch.no_grad():
@@ -102,12 +102,12 @@ class FeatureMonitor(Monitor):
         stacked = torch.cat(outputs) if all(isinstance(out, Tensor) for out in outputs) else None
         return capture, targets, stacked
 
-    def padding_forwards(self, trainer: pl.Trainer, module: torch.nn.Module, num_chunks: int) -> int:
+    def padding_forwards(self, trainer: pl.Trainer, num_chunks: int) -> int:
         """Under FSDP: the extra forwards this rank runs so every rank runs as many as the rank with most chunks.
         A rank without probe examples cannot join, so then every rank skips (no hang)."""
         if sharding(trainer) is None:
             return 0
-        device = module_device(module)
+        device = trainer.strategy.root_device  # where the process group's backend takes tensors
         if all_reduce_max(-num_chunks, device) == 0:
             raise SkipMeasurement("a rank has no probe examples; under FSDP every rank must run the forward")
         return all_reduce_max(num_chunks, device) - num_chunks
