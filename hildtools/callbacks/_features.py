@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
+from hildtools._checks import check_int
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
 from hildtools.distributed import all_finite, all_reduce_max
 from hildtools.metrics.capture import FeatureCapture, check_capture_args
@@ -60,8 +61,7 @@ class FeatureMonitor(Monitor):
         super().__init__(**kwargs)
         check_capture_args(capture, pool, projection_dim)
         check_figures(figures)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int("batch_size", batch_size, 1)
         self.layers = [layers] if isinstance(layers, str) else layers
         self.capture, self.pool, self.projection_dim = capture, pool, projection_dim
         self.batch_size = batch_size

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from hildtools._checks import check_int
 from hildtools.callbacks._features import FeatureMonitor, wants_figures
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.neural_collapse import NeuralCollapse
@@ -62,8 +63,7 @@ class NeuralCollapseMonitor(FeatureMonitor):
         probe_size: int = 1024,
         **kwargs: Any,
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        check_int("num_classes", num_classes, 2)
         if every_n_steps is None and every_n_epochs is None:
             every_n_epochs = 1
         super().__init__(
