@@ -85,7 +85,8 @@ class FeatureMonitor(Monitor):
         """
         inputs, targets = self.probe.unpack(batch)
         model = forward_module(trainer, module)
-        chunks = [map_tensors(lambda t: t[start : start + self.batch_size], inputs)
+        convert = trainer.precision_plugin.convert_input  # e.g. bf16 inputs for a bf16-true model, as in training
+        chunks = [convert(map_tensors(lambda t: t[start : start + self.batch_size], inputs))
                   for start in range(0, num_examples(inputs), self.batch_size)]  # fmt: skip
         padding = self.padding_forwards(trainer, len(chunks))
         with self.feature_capture(module) as capture, torch.no_grad():

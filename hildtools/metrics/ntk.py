@@ -20,7 +20,8 @@ one-example ``functional_call``), ``chunk_size`` rows (example-output pairs) at 
 block by block from pairs of chunks, the second chunk of a pair being recomputed, so memory is about
 ``2 x chunk_size x P`` Jacobian entries (P parameters) plus the activations of ``chunk_size`` backward passes,
 whatever ``n``; with ``m`` chunks the Jacobian is evaluated ``m (m + 1) / 2`` chunk-times. Products are taken in
-fp64 (``product_dtype=torch.float32`` for speed) and summed and returned in fp64.
+fp64 (``product_dtype=torch.float32`` for speed) and summed and returned in fp64. A bf16/fp16 model is evaluated in
+fp32: its parameters, floating buffers and floating inputs are upcast copies (the module is not touched).
 
 Batch coupling. The model is evaluated as given: modes are not changed (hildtools' probe puts the model in eval
 mode, so by default BatchNorm uses its running statistics and the kernel is the eval-mode NTK). A BatchNorm in
@@ -106,6 +107,11 @@ def couples_examples(model: nn.Module) -> bool:
     )
 
 
+def upcast(tensor: Tensor) -> Tensor:
+    """An fp32 copy of a bf16/fp16 tensor; any other tensor as it is."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def resolve_params(model: nn.Module, params: Iterable[str | Tensor] | None) -> dict[str, Tensor]:
     """``{name: detached tensor}`` of the parameters to differentiate (default: those with ``requires_grad``)."""
     named = dict(model.named_parameters())
@@ -146,8 +152,11 @@ class TangentModel:
         active_dropout = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
         if any(m.p > 0 for m in active_dropout):
             raise ValueError("model: dropout is active (train mode); call model.eval() (BatchNorm may stay in train)")
-        self.model, self.x = model, x
-        self.params = resolve_params(model, params)
+        self.model, self.x = model, map_tensors(upcast, x)
+        self.params = {name: upcast(p) for name, p in resolve_params(model, params).items()}
+        self.frozen = {  # parameters not differentiated, upcast like the others so the forward runs in one dtype
+            name: upcast(p.detach()) for name, p in model.named_parameters() if name not in self.params
+        }
         self.coupled = couples_examples(model)
         self.looped = False  # set when the model has an op vmap cannot batch
         self._vjp: Callable | None = None
@@ -174,9 +183,9 @@ class TangentModel:
     # -- the function ---------------------------------------------------------------------------------------------
     def _call(self, params: dict[str, Tensor], x: Any, n: int) -> Tensor:
         # Copies of the buffers: a train-mode BatchNorm updates the copies, never the module's running statistics.
-        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        buffers = {name: upcast(b.detach()).clone() for name, b in self.model.named_buffers()}
         args, kwargs = ((), x) if isinstance(x, Mapping) else (tuple(x) if isinstance(x, (tuple, list)) else (x,), {})
-        return _as_outputs(functional_call(self.model, (params, buffers), args, kwargs), n)
+        return _as_outputs(functional_call(self.model, ({**self.frozen, **params}, buffers), args, kwargs), n)
 
     def _batch_outputs(self, params: dict[str, Tensor]) -> Tensor:
         return self._call(params, self.x, self.n)
