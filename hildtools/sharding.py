@@ -83,9 +83,7 @@ def forward_module(trainer: Any, module: nn.Module) -> nn.Module:
     """The module to call for a forward pass of ``module`` (the LightningModule): under FSDP1 its root wrapper,
     whose forward gathers the root's own parameters; otherwise ``module`` itself."""
     root = getattr(getattr(trainer, "strategy", None), "model", None)
-    if sharding(trainer) == "fsdp" and isinstance(root, FSDP1_TYPES):
-        return root
-    return module
+    return root if isinstance(root, FSDP1_TYPES) else module
 
 
 @contextlib.contextmanager

@@ -100,6 +100,18 @@ class FullWeights(pl.Callback):
             self.state = {clean_name(k): v.detach().clone() for k, v in pl_module.named_parameters()}
 
 
+def train(strategy, world_size, module, callbacks, max_steps):
+    """Fit ``module`` on a fixed synthetic train set (the same on every call, so runs can be compared)."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, NUM_CLASSES, (32,), generator=generator)
+    data = TensorDataset(torch.randn(32, 5, generator=generator), labels)
+    trainer = pl.Trainer(
+        strategy=strategy, accelerator="cpu", devices=world_size, max_steps=max_steps, callbacks=callbacks,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=8))
+
+
 def fit_on_rank(rank, world_size, sharding, sizes=None, with_monitors=True):
     """``sizes``: each rank's part of the global probe set; ``None``: probe sets drawn from the train loader."""
     probe = {"probe_size": 12, "batch_size": 8}
@@ -113,14 +125,7 @@ def fit_on_rank(rank, world_size, sharding, sizes=None, with_monitors=True):
         InvariantSetMonitor(every_n_steps=3),
     ] if with_monitors else []  # fmt: skip
     full = FullWeights()
-    generator = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(32, 5, generator=generator), torch.randint(0, NUM_CLASSES, (32,), generator=generator))
-    trainer = pl.Trainer(
-        strategy=make_strategy(sharding, world_size), accelerator="cpu", devices=world_size, max_steps=3,
-        callbacks=[*monitors, full], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(Net(sharding), DataLoader(data, batch_size=8))
+    train(make_strategy(sharding, world_size), world_size, Net(sharding), [*monitors, full], max_steps=3)
     return {"state": full.state, "metrics": [dict(m.last_metrics) for m in monitors]}
 
 
@@ -173,14 +178,8 @@ def train_with(rank, world_size, optimizer):
     states = []
     for sharding in ("ddp", "fsdp", "fsdp2"):
         full = FullWeights()
-        generator = torch.Generator().manual_seed(1)
-        data = TensorDataset(torch.randn(32, 5, generator=generator), torch.randint(0, 3, (32,), generator=generator))
-        trainer = pl.Trainer(
-            strategy=make_strategy(sharding, world_size), accelerator="cpu", devices=world_size, max_steps=4,
-            callbacks=[full], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False,
-        )  # fmt: skip
-        trainer.fit(Net(None if sharding == "ddp" else sharding, optimizer), DataLoader(data, batch_size=8))
+        module = Net(None if sharding == "ddp" else sharding, optimizer)
+        train(make_strategy(sharding, world_size), world_size, module, [full], max_steps=4)
         states.append(full.state)
     return states
 
@@ -215,11 +214,8 @@ def refused_on_rank(rank, world_size, sharding, name, tensor_parallel):
         ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=world_size)
         if tensor_parallel else make_strategy(sharding, world_size)
     )  # fmt: skip
-    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=world_size, max_steps=1, callbacks=callbacks,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    data = TensorDataset(torch.randn(16, 5), torch.randint(0, NUM_CLASSES, (16,)))
     try:
-        trainer.fit(module, DataLoader(data, batch_size=8))
+        train(strategy, world_size, module, callbacks, max_steps=1)
     except (RuntimeError, ValueError) as error:
         return str(error)
     return None

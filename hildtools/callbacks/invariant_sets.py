@@ -6,8 +6,8 @@ training touched. Under FSDP the parameters are gathered whole on every rank for
 (:func:`hildtools.sharding.full_parameters`) and resharded after it. Logged under ``collapse/<layer>/`` for every
 Linear/Conv layer with a known consumer: ``independent_fraction``, ``num_vanishing``, ``num_identical_groups`` and
 ``largest_group``. Layers that cannot be analysed (residual adds, the output layer, untraceable models) are listed
-once, with the reason, at the first measurement. With W&B: a histogram of each neuron's nearest-neighbour distance (threshold-free; a peak near 0
-shows collapse).
+once, with the reason, at the first measurement. With W&B: a histogram of each neuron's nearest-neighbour distance
+(threshold-free; a peak near 0 shows collapse).
 """
 
 from __future__ import annotations
