@@ -3,7 +3,8 @@
 Measured every ``every_n_steps`` optimizer steps on a fixed probe set: the k largest (algebraic) eigenvalues by
 Lanczos with a residual stopping rule, warm-started from the previous eigenvectors. Logged under ``hessian/``:
 
-* ``eig_{i}`` (i = 0 … k-1, descending) and ``num_hvp`` (Hessian-vector products the measurement used);
+* ``eig_{i}`` (i = 0 … k-1, descending), ``eig_{i}_err`` (a-posteriori bound on its error, see
+  :attr:`hildtools.curvature.Eigenpairs.error_bounds`) and ``num_hvp`` (Hessian-vector products used);
 * ``overlap_prev`` and ``overlap_init``: subspace overlaps ``||U_t^T U_s||_F^2 / k`` in [0, 1] of the top-k
   eigenspace now against the previous and the first measurement ("Hessian inertia"; a random k-dimensional
   subspace scores about k/P). Subspaces, not single eigenvectors: near-equal eigenvalues swap their vectors;
@@ -90,6 +91,7 @@ class HessianEigenMonitor(CurvatureMonitor):
                          init=self.vectors, seed=self.last_step, **on)
         values, vectors = result.eigenvalues, result.eigenvectors
         metrics = {f"eig_{i}": value for i, value in enumerate(values)}
+        metrics.update({f"eig_{i}_err": bound for i, bound in enumerate(result.error_bounds.tolist())})
         metrics["num_hvp"] = result.num_hvp
         if self.vectors is not None and self.vectors.shape == vectors.shape:
             metrics["overlap_prev"] = subspace_overlap(vectors, self.vectors)

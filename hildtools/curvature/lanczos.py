@@ -9,6 +9,20 @@ top k is a relative accuracy guarantee (not a "stopped changing" heuristic like 
 vector is re-orthogonalised against the whole basis twice (classical Gram-Schmidt twice, "twice is enough"), so
 no spurious copies of converged eigenvalues appear. Randomness (the start vector, restarts after an invariant
 subspace is found) comes from a private generator on the CPU, so results do not depend on the device.
+
+Precision: the operator products run in the caller's ``dtype`` (the model's), but the basis, the recurrence
+(alpha, beta, re-orthogonalisation) and the eigenproblem of ``T_m`` run in float64 (``BASIS_DTYPE``): an fp32
+recurrence loses orthogonality and stalls near 1e-5 relative, while fp32 products with an fp64 recurrence reach
+the products' own rounding level (about 1e-7 relative). Every inner product and norm goes through :func:`inner`.
+
+Error bounds (a posteriori, per returned value, for the eigenvalue ``lambda`` of H nearest ``theta_i``): always
+``|theta_i - lambda| <= r_i`` (the "residual" bound, rigorous); when the neighbouring Ritz values are converged
+(residual <= ``tol`` relative and <= ``GAP_TRUST`` times their distance) and ``gap_i = min_j (|theta_i - theta_j| - r_j) > r_i`` over those neighbours,
+``|theta_i - lambda| <= r_i^2 / gap_i`` (Kato-Temple, the "gap" bound); plus the products' rounding,
+``ROUNDING_BOUND * eps(dtype) * max|theta|``. The gap is estimated from the Ritz values, so the gap bound assumes
+that no eigenvalue the Krylov space has not yet seen lies inside it (the assumption behind every Krylov estimate;
+requiring converged neighbours makes such a hidden eigenvalue unlikely). Both bounds are to the NEAREST eigenvalue:
+that ``theta_1`` approximates ``lambda_1`` (not ``lambda_2`` with ``lambda_1`` unseen) is the same assumption.
 """
 
 from __future__ import annotations
@@ -34,7 +48,18 @@ every direction present in the start vector, so an eigenvector outside the previ
 steps later than from a cold start), while the previous directions start far ahead."""
 
 
-CONFIRM_FRACTION = 0.1
+BASIS_DTYPE = torch.float64
+"""dtype of the Lanczos basis and recurrence, whatever the dtype of the products."""
+
+ROUNDING_BOUND = 8.0
+"""Rounding part of the error bounds: ``ROUNDING_BOUND * eps(dtype) * max|theta|`` for products in ``dtype`` (an
+empirical allowance for the products' rounding, which moved fp32 eigenvalues by 1e-8 to 5e-8 relative)."""
+
+GAP_TRUST = 0.1
+"""A neighbouring Ritz value bounds the gap only when its residual is below ``GAP_TRUST`` times its distance (and
+below ``tol`` relative): a spectrum resolved that finely leaves little room for an eigenvalue not yet seen."""
+
+CONFIRM_FRACTION = 0.25
 """After the residual test first passes at step m, confirm it ``ceil(CONFIRM_FRACTION * m)`` steps later."""
 
 ROUNDING_FLOOR = 100.0
@@ -50,6 +75,9 @@ class Eigenpairs:
         eigenvalues: the k largest (algebraic) eigenvalues, descending; float64 on the CPU.
         eigenvectors: unit eigenvectors as columns, ``(size, k)``, on the operator's device and dtype.
         residuals: ``||H y_i - theta_i y_i||`` of each returned pair (bounds each eigenvalue's error).
+        error_bounds: a-posteriori bound on ``|theta_i - lambda|`` for the eigenvalue ``lambda`` of H nearest each
+            returned value (see the module docstring); float64, CPU.
+        bound_kinds: per value, ``"gap"`` (``r^2 / gap``) or ``"residual"`` (``r``, the gap being unknown or small).
         converged: whether every requested residual met the tolerance (else ``max_iter`` was hit).
         num_hvp: operator products used.
         smallest_eigenvalue, smallest_eigenvector, smallest_residual: the smallest (algebraic) eigenpair when
@@ -64,33 +92,49 @@ class Eigenpairs:
     smallest_eigenvalue: Tensor | None = None
     smallest_eigenvector: Tensor | None = None
     smallest_residual: Tensor | None = None
+    error_bounds: Tensor | None = None
+    bound_kinds: tuple[str, ...] = ()
+    smallest_error_bound: Tensor | None = None
 
     def __iter__(self):
         return iter((self.eigenvalues, self.eigenvectors))
 
 
+def inner(x: Tensor, y: Tensor) -> Tensor:
+    """``x @ y``: every inner product of the recurrence (dots, Gram-Schmidt coefficients, norms) goes through here."""
+    return x @ y
+
+
+def norm(x: Tensor) -> Tensor:
+    """Euclidean norm of a vector, through :func:`inner`."""
+    return inner(x, x).sqrt()
+
+
 class LanczosProcess:
     """The Lanczos recurrence with full two-pass re-orthogonalisation, one operator product per :meth:`step`.
 
-    The basis lives on ``basis_device`` (e.g. the CPU, for models whose ``m x size`` basis does not fit next to
-    them); the current and previous vectors stay on the operator's device.
+    Products take vectors in ``dtype`` (default ``start.dtype``); the basis and the recurrence are in ``BASIS_DTYPE``. The basis lives
+    on ``basis_device`` (e.g. the CPU, for models whose ``m x size`` basis does not fit next to them); the current
+    and previous vectors stay on the operator's device.
     """
 
-    def __init__(self, matvec: MatVec, start: Tensor, basis_device: torch.device | str | None = None) -> None:
+    def __init__(self, matvec: MatVec, start: Tensor, basis_device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         self.matvec = matvec
         self.size = start.numel()
-        self.device, self.dtype = start.device, start.dtype
+        self.device, self.dtype = start.device, start.dtype if dtype is None else dtype
         self.basis_device = torch.device(basis_device) if basis_device is not None else self.device
         self.blocks: list[Tensor] = []
         self.length = 0
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples basis vectors j and j+1; the last is the current residual
-        self.current = start / torch.linalg.vector_norm(start)
+        start = start.to(BASIS_DTYPE)
+        self.current = start / norm(start)
         self.previous: Tensor | None = None
 
     def _append(self, vector: Tensor) -> None:
         if self.length == len(self.blocks) * BASIS_CHUNK:
-            self.blocks.append(torch.empty(BASIS_CHUNK, self.size, device=self.basis_device, dtype=self.dtype))
+            self.blocks.append(torch.empty(BASIS_CHUNK, self.size, device=self.basis_device, dtype=BASIS_DTYPE))
         self.blocks[-1][self.length % BASIS_CHUNK] = vector.to(self.basis_device)
         self.length += 1
 
@@ -99,24 +143,24 @@ class LanczosProcess:
         return self.blocks[:full] + ([self.blocks[full][:rest]] if rest else [])
 
     def orthogonalize(self, vector: Tensor) -> Tensor:
-        """``vector`` minus its projection on the basis, by two passes of block Gram-Schmidt."""
-        vector = vector.to(self.basis_device)
+        """``vector`` minus its projection on the basis, by two passes of block Gram-Schmidt (in ``BASIS_DTYPE``)."""
+        vector = vector.to(self.basis_device, BASIS_DTYPE)
         for _ in range(2):
             for block in self._stored():
-                vector = vector - block.T @ (block @ vector)
+                vector = vector - block.T @ inner(block, vector)
         return vector.to(self.device)
 
     def step(self) -> float:
         """Extend the basis by one vector (one operator product); returns the new residual norm ``beta``."""
         q = self.current
         self._append(q)
-        w = self.matvec(q).to(self.device, self.dtype)
-        alpha = torch.dot(w, q).item()
+        w = self.matvec(q.to(self.dtype)).to(self.device, BASIS_DTYPE)
+        alpha = inner(w, q).item()
         w = w - alpha * q
         if self.previous is not None:
             w = w - self.betas[-1] * self.previous
         w = self.orthogonalize(w)
-        beta = torch.linalg.vector_norm(w).item()
+        beta = norm(w).item()
         self.alphas.append(alpha)
         self.betas.append(beta)
         self.previous = q
@@ -125,10 +169,10 @@ class LanczosProcess:
 
     def restart(self, vector: Tensor) -> None:
         """Continue from a new direction after an invariant subspace was found (``T`` becomes block diagonal)."""
-        vector = self.orthogonalize(vector.to(self.device, self.dtype))
+        vector = self.orthogonalize(vector)
         self.betas[-1] = 0.0
         self.previous = None
-        self.current = vector / torch.linalg.vector_norm(vector)
+        self.current = vector / norm(vector)
 
     def tridiagonal(self) -> Tensor:
         """``T_m = Q_m^T H Q_m`` in float64 on the CPU."""
@@ -137,31 +181,54 @@ class LanczosProcess:
         return torch.diag(diagonal) + torch.diag(off, 1) + torch.diag(off, -1)
 
     def ritz_vectors(self, coefficients: Tensor) -> Tensor:
-        """``Q_m S`` for coefficient columns ``S`` (``m x j``), as unit columns on the operator's device."""
-        coefficients = coefficients.to(self.basis_device, self.dtype)
-        vectors = torch.zeros(self.size, coefficients.shape[1], device=self.basis_device, dtype=self.dtype)
+        """``Q_m S`` for coefficient columns ``S`` (``m x j``), as unit columns on the operator's device and dtype."""
+        coefficients = coefficients.to(self.basis_device, BASIS_DTYPE)
+        vectors = torch.zeros(self.size, coefficients.shape[1], device=self.basis_device, dtype=BASIS_DTYPE)
         start = 0
         for block in self._stored():
             vectors += block.T @ coefficients[start:start + block.shape[0]]
             start += block.shape[0]
         vectors = vectors.to(self.device)
-        return vectors / torch.linalg.vector_norm(vectors, dim=0, keepdim=True)
+        norms = torch.stack([norm(column) for column in vectors.T])
+        return (vectors / norms).to(self.dtype)
 
 
-def start_vector(size: int, init: Tensor | None, generator: torch.Generator, device: torch.device,
-                 dtype: torch.dtype) -> Tensor:
-    """Random, or a warm start: the sum of the ``init`` columns (previous eigenvectors) plus random noise."""
-    noise = gaussian_vector(size, generator, device, dtype)
-    noise = noise / torch.linalg.vector_norm(noise)
+def error_bounds(theta: Tensor, residuals: Tensor, tol: float, rounding: float) -> tuple[Tensor, tuple[str, ...]]:
+    """A-posteriori bounds on ``|theta_i - lambda|`` for all Ritz values (ascending ``theta``; see the module
+    docstring), and their kinds.
+
+    The gap of ``theta_i`` is ``min_j (|theta_i - theta_j| - r_j)`` over its neighbours ``j`` in the sorted Ritz
+    values; it is trusted only when those neighbours are converged themselves (``r_j <= tol |theta_j|``): an
+    unconverged neighbour lies below (above) the eigenvalue it approximates, so it would overstate the gap. The
+    bound is ``r_i^2 / gap_i`` where the gap is trusted and exceeds ``r_i``, else ``r_i``; ``rounding`` is added.
+    """
+    bounds, kinds = residuals.clone(), []
+    for i in range(len(theta)):
+        neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(theta)]
+        gap = min((abs(theta[i] - theta[j]) - residuals[j] for j in neighbours), default=-torch.inf)
+        trusted = bool(neighbours) and all(
+            residuals[j] <= min(tol * abs(theta[j]), GAP_TRUST * abs(theta[i] - theta[j])) for j in neighbours)
+        if trusted and gap > residuals[i]:
+            bounds[i] = residuals[i] ** 2 / gap
+        kinds.append("gap" if trusted and gap > residuals[i] else "residual")
+    return bounds + rounding, tuple(kinds)
+
+
+def start_vector(size: int, init: Tensor | None, generator: torch.Generator, device: torch.device) -> Tensor:
+    """Random, or a warm start: the sum of the ``init`` columns (previous eigenvectors) plus random noise; unit
+    norm, in ``BASIS_DTYPE``."""
+    noise = gaussian_vector(size, generator, device, BASIS_DTYPE)
+    noise = noise / norm(noise)
     if init is None:
         return noise
     if init.numel() % size:
         raise ValueError(f"init must have shape ({size},) or ({size}, j), got {tuple(init.shape)}")
-    block = init.detach().reshape(size, -1).to(device, dtype)
-    block = block / torch.linalg.vector_norm(block, dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    warm = block.sum(1)
-    norm = torch.linalg.vector_norm(warm)
-    return noise if not norm > 0 else warm / norm + WARM_START_NOISE * noise
+    block = init.detach().reshape(size, -1).to(device, BASIS_DTYPE)
+    warm = sum(column / norm(column) for column in block.T if norm(column) > 0)
+    if not isinstance(warm, Tensor) or not norm(warm) > 0:
+        return noise
+    warm = warm / norm(warm) + WARM_START_NOISE * noise
+    return warm / norm(warm)
 
 
 def lanczos(
@@ -183,10 +250,12 @@ def lanczos(
     Converged when every top-k Ritz residual satisfies ``|beta_m s_{m,i}| <= tol * |theta_i|`` (and, with
     ``smallest=True``, the smallest one satisfies ``<= tol * max_i |theta_i|``); eigenvalues far below the
     largest cannot be resolved beyond rounding, so residuals under ``100 eps max|theta|`` count as converged.
-    Each returned value is then within ``tol * |theta_i|`` of an eigenvalue of H, and never above the i-th largest.
+    Each returned value is then within ``tol * |theta_i|`` of an eigenvalue of H, and never above the i-th largest;
+    ``result.error_bounds`` gives the tighter a-posteriori bound (module docstring), typically ``~tol^2``.
     To catch a near-top eigenvalue that no Ritz value represents yet (two eigenvalues closer than ``tol`` can share
     one Ritz vector), the run continues ``CONFIRM_FRACTION`` more steps and stops only if the test still holds and
     the top-k values moved by at most their tolerance; otherwise it continues, up to ``max_iter`` products.
+    The recurrence runs in float64 whatever ``dtype`` (module docstring), so fp32 products reach about 1e-7.
 
     Args:
         matvec: ``v -> H v`` for a flat vector of ``size`` entries (symmetric ``H``).
@@ -200,7 +269,7 @@ def lanczos(
         basis_device: where the Lanczos basis is stored (default: ``device``); ``"cpu"`` to spare GPU memory.
         seed: seed of the private generator for the start vector.
         device: device of the vectors passed to ``matvec``.
-        dtype: dtype of the vectors (eigenvalues come from a float64 tridiagonal).
+        dtype: dtype of the vectors passed to ``matvec`` (the basis and recurrence are float64).
 
     Returns:
         :class:`Eigenpairs`.
@@ -215,7 +284,7 @@ def lanczos(
     max_iter = min(max_iter, size)
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
-    process = LanczosProcess(matvec, start_vector(size, init, generator, device, dtype), basis_device)
+    process = LanczosProcess(matvec, start_vector(size, init, generator, device), basis_device, dtype)
     floor = ROUNDING_FLOOR * torch.finfo(dtype).eps
     confirm_at, reference = None, None
     while True:
@@ -223,26 +292,29 @@ def lanczos(
         theta, coefficients = torch.linalg.eigh(process.tridiagonal())  # ascending
         residuals = beta * coefficients[-1].abs()
         scale = theta.abs().max()
-        bounds = torch.maximum(tol * theta.abs(), floor * scale)
+        targets = torch.maximum(tol * theta.abs(), floor * scale)
         top = torch.arange(len(theta) - 1, max(len(theta) - k, 0) - 1, -1)
-        converged = len(theta) >= k and bool((residuals[top] <= bounds[top]).all())
+        converged = len(theta) >= k and bool((residuals[top] <= targets[top]).all())
         if smallest:
             converged = converged and bool(residuals[0] <= max(tol, floor) * scale)
         if not converged:
             confirm_at = None
         elif confirm_at is None or (process.length >= confirm_at and bool(
-                ((theta[top] - reference).abs() > bounds[top]).any())):  # first pass, or a value moved: (re)confirm
+                ((theta[top] - reference).abs() > targets[top]).any())):  # first pass, or a value moved: (re)confirm
             confirm_at, reference = process.length + math.ceil(CONFIRM_FRACTION * process.length), theta[top]
         elif process.length >= confirm_at:
             break
         if process.length >= max_iter:
             break
         if beta <= floor * scale:  # invariant subspace: its Ritz pairs are exact, continue in the complement
-            process.restart(gaussian_vector(size, generator, device, dtype))
+            process.restart(gaussian_vector(size, generator, device, BASIS_DTYPE))
+    bounds, kinds = error_bounds(theta, residuals, tol, ROUNDING_BOUND * torch.finfo(dtype).eps * scale.item())
     vectors = process.ritz_vectors(coefficients[:, top])
-    result = Eigenpairs(theta[top], vectors, residuals[top], converged, process.length)
+    result = Eigenpairs(theta[top], vectors, residuals[top], converged, process.length, error_bounds=bounds[top],
+                        bound_kinds=tuple(kinds[i] for i in top.tolist()))
     if smallest:
         result.smallest_eigenvalue = theta[0]
         result.smallest_eigenvector = process.ritz_vectors(coefficients[:, :1])[:, 0]
         result.smallest_residual = residuals[0]
+        result.smallest_error_bound = bounds[0]
     return result
