@@ -8,7 +8,7 @@ Lanczos with a residual stopping rule, warm-started from the previous eigenvecto
 * ``overlap_prev`` and ``overlap_init``: subspace overlaps ``||U_t^T U_s||_F^2 / k`` in [0, 1] of the top-k
   eigenspace now against the previous and the first measurement ("Hessian inertia"; a random k-dimensional
   subspace scores about k/P). Subspaces, not single eigenvectors: near-equal eigenvalues swap their vectors;
-* optionally ``trace`` (Hutch++) and the spectral density (stochastic Lanczos quadrature) as a picture.
+* optionally ``trace`` (XTrace) and the spectral density (stochastic Lanczos quadrature) as a picture.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class HessianEigenMonitor(CurvatureMonitor):
         tol: relative accuracy of the eigenvalues: Lanczos stops when every Ritz residual is at most
             ``tol * |eigenvalue|`` (a bound on the eigenvalue error), > 0.
         max_iter: cap on Lanczos steps (Hessian-vector products) per measurement; default ``max(60, 10 k)``.
-        trace: also log ``hessian/trace`` (Hutch++ with ``trace_samples`` Hessian-vector products).
+        trace: also log ``hessian/trace`` (XTrace with ``trace_samples`` Hessian-vector products).
         density: also log the spectral density (a picture: W&B image or a PNG file beside the logs).
         bn_mode: ``"train"`` (default: BatchNorm with probe-batch statistics, the loss the optimizer sees) or
             ``"eval"`` (running statistics, PyHessian's convention). The two can differ several-fold.
@@ -100,8 +100,9 @@ class HessianEigenMonitor(CurvatureMonitor):
         metrics["overlap_init"] = subspace_overlap(vectors, self.init_vectors)
         self.vectors = vectors
         if self.trace:
-            estimate = operator_trace(operator.matvec, operator.size, num_samples=self.trace_samples,
-                                      seed=self.last_step, **on)
+            method = "xtrace" if self.trace_samples >= 4 else "hutch++"  # XTrace needs two pairs of products
+            estimate = operator_trace(operator.matvec, operator.size, num_samples=self.trace_samples, method=method,
+                                      seed=self.last_step, matmat=operator.matmat, **on)
             metrics["trace"] = estimate.estimate
         if self.density:
             density = lanczos_quadrature(operator.matvec, operator.size, seed=self.last_step, **on)
