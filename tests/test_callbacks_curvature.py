@@ -256,3 +256,20 @@ def test_monitors_on_cuda(precision):
     exact = dense_eigenvalues(module.cpu(), [t.cpu() for t in monitors[0].probe.batch], bn_train=True)
     assert monitors[0].last_metrics["hessian/eig_0"] == pytest.approx(float(exact[0]), rel=1e-3)
     assert math.isfinite(monitors[1].last_metrics["eos/sharpness"])
+
+
+@pytest.mark.parametrize("make", [lambda: HessianEigenMonitor(k=1, every_n_epochs=1, probe_size=16),
+                                  lambda: EdgeOfStabilityMonitor(every_n_epochs=1, probe_size=16)])
+def test_every_n_epochs_alone_measures_at_epoch_ends(make):
+    monitor = make()
+    assert (monitor.every_n_steps, monitor.every_n_epochs) == (None, 1)
+    steps = []
+    measure = monitor.measure
+    monitor.measure = lambda trainer, *args: steps.append(trainer.global_step) or measure(trainer, *args)
+    fit(Regression(), [monitor], steps=-1, max_epochs=2)  # 64 examples in batches of 16: 4 steps an epoch
+    assert steps == [0, 4, 8] if monitor.measure_at_start else steps == [4, 8]
+
+
+def test_curvature_monitors_default_to_every_100_steps():
+    assert (HessianEigenMonitor().every_n_steps, HessianEigenMonitor().every_n_epochs) == (100, None)
+    assert (EdgeOfStabilityMonitor().every_n_steps, EdgeOfStabilityMonitor().every_n_epochs) == (100, None)

@@ -35,6 +35,15 @@ def check_schedule(every_n_steps: int | None, every_n_epochs: int | None) -> Non
         raise ValueError("give exactly one of every_n_steps and every_n_epochs")
 
 
+def default_schedule(
+    every_n_steps: int | None, every_n_epochs: int | None, *, steps: int | None = None, epochs: int | None = None
+) -> tuple[int | None, int | None]:
+    """The schedule given, or the monitor's default (``steps`` or ``epochs``) when neither argument is given."""
+    if every_n_steps is None and every_n_epochs is None:
+        return steps, epochs
+    return every_n_steps, every_n_epochs
+
+
 class Monitor(Callback):
     """Base class: schedule + probe + measure + log.
 

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from hildtools._checks import check_int, check_positive
 from hildtools.callbacks._curvature import CurvatureMonitor
-from hildtools.callbacks._monitor import SkipMeasurement
+from hildtools.callbacks._monitor import SkipMeasurement, default_schedule
 from hildtools.curvature import adam_preconditioner, hessian_eigenpairs, stability_threshold
 from hildtools.optimizers import NGN
 
@@ -39,7 +39,9 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
     """Track sharpness against the stability threshold of the trainer's optimizer.
 
     Args:
-        every_n_steps: measure after every ``every_n_steps`` optimizer steps (default 100).
+        every_n_steps: measure after every ``every_n_steps`` optimizer steps (default 100 when neither
+            ``every_n_steps`` nor ``every_n_epochs`` is given).
+        every_n_epochs: measure at the end of every ``every_n_epochs`` training epochs instead.
         probe_size: examples in the fixed probe set drawn from the train dataloader at fit start (default 64:
             cheap; a larger probe estimates the full-batch sharpness better, at proportional cost).
         tol: Ritz-residual tolerance, > 0; default 3e-2, which gives the sharpness to about 1e-3 relative (the
@@ -49,7 +51,7 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         optimizer_index: which of ``trainer.optimizers`` sets the threshold.
         bn_mode: ``"train"`` (default) or ``"eval"``; see :class:`hildtools.probe.Probe`.
         measure_at_start: also measure before the first update (off by default: Adam has no preconditioner yet).
-        **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``every_n_epochs``.
+        **kwargs: ``probe_data``, ``loss_fn``, ``unpack``.
 
     Raises:
         ValueError: invalid ``tol``, ``max_iter``, ``edge_ratio`` or shared argument.
@@ -64,7 +66,8 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
     def __init__(
         self,
         *,
-        every_n_steps: int | None = 100,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
         probe_size: int = 64,
         tol: float = 3e-2,
         max_iter: int = 30,
@@ -77,9 +80,10 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         if check_positive("edge_ratio", edge_ratio) > 2:
             raise ValueError(f"edge_ratio must be in (0, 2], got {edge_ratio!r}")
         check_int("optimizer_index", optimizer_index, 0)
+        every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
-            every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, bn_mode=bn_mode,
-            measure_at_start=measure_at_start, **kwargs,
+            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, tol=tol,
+            max_iter=max_iter, bn_mode=bn_mode, measure_at_start=measure_at_start, **kwargs,
         )
         self.edge_ratio = float(edge_ratio)
         self.optimizer_index = optimizer_index

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 
 from hildtools._checks import check_int
 from hildtools.callbacks._curvature import CurvatureMonitor
+from hildtools.callbacks._monitor import default_schedule
 from hildtools.curvature import HessianOperator, SpectralDensity, subspace_overlap
 from hildtools.curvature.density import lanczos_quadrature
 from hildtools.curvature.lanczos import lanczos
@@ -30,7 +31,9 @@ class HessianEigenMonitor(CurvatureMonitor):
 
     Args:
         k: number of top eigenpairs (>= 1).
-        every_n_steps: measure after every ``every_n_steps`` optimizer steps (default 100).
+        every_n_steps: measure after every ``every_n_steps`` optimizer steps (default 100 when neither
+            ``every_n_steps`` nor ``every_n_epochs`` is given).
+        every_n_epochs: measure at the end of every ``every_n_epochs`` training epochs instead.
         probe_size: examples in the fixed probe set drawn from the train dataloader at fit start.
         tol: relative accuracy of the eigenvalues: Lanczos stops when every Ritz residual is at most
             ``tol * |eigenvalue|`` (a bound on the eigenvalue error), > 0.
@@ -39,7 +42,7 @@ class HessianEigenMonitor(CurvatureMonitor):
         density: also log the spectral density (a picture: W&B image or a PNG file beside the logs).
         bn_mode: ``"train"`` (default: BatchNorm with probe-batch statistics, the loss the optimizer sees) or
             ``"eval"`` (running statistics, PyHessian's convention). The two can differ several-fold.
-        **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``measure_at_start``, ``every_n_epochs``; see
+        **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``measure_at_start``; see
             :class:`hildtools.callbacks._monitor.Monitor`.
 
     Raises:
@@ -56,7 +59,8 @@ class HessianEigenMonitor(CurvatureMonitor):
         self,
         k: int = 5,
         *,
-        every_n_steps: int | None = 100,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
         probe_size: int = 256,
         tol: float = 1e-3,
         max_iter: int | None = None,
@@ -69,9 +73,10 @@ class HessianEigenMonitor(CurvatureMonitor):
         check_int("k", k, 1)
         check_int("trace_samples", trace_samples, 3)
         max_iter = max(60, 10 * k) if max_iter is None else max_iter
+        every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
-            every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, min_iter=k,
-            bn_mode=bn_mode, **kwargs,
+            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, tol=tol,
+            max_iter=max_iter, min_iter=k, bn_mode=bn_mode, **kwargs,
         )
         self.k = k
         self.trace = trace
