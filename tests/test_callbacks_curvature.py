@@ -273,3 +273,29 @@ def test_every_n_epochs_alone_measures_at_epoch_ends(make):
 def test_curvature_monitors_default_to_every_100_steps():
     assert (HessianEigenMonitor().every_n_steps, HessianEigenMonitor().every_n_epochs) == (100, None)
     assert (EdgeOfStabilityMonitor().every_n_steps, EdgeOfStabilityMonitor().every_n_epochs) == (100, None)
+
+
+def test_eos_param_groups_that_differ_raise_instead_of_a_wrong_warning():
+    class TwoGroups(Regression):
+        def configure_optimizers(self):
+            first, second = self.net[0], self.net[-1]
+            return torch.optim.SGD([{"params": first.parameters()}, {"params": second.parameters(), "lr": 0.01}],
+                                   lr=self.lr)
+
+    with pytest.raises(ValueError, match="param_group"):
+        fit(TwoGroups(), [EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)], steps=2)
+    monitor = EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16, param_group=1)
+    fit(TwoGroups(), [monitor], steps=2)
+    assert monitor.last_metrics["eos/threshold"] == pytest.approx(2 / 0.01)
+
+
+def test_eos_with_sam_compares_against_the_base_threshold():
+    from hildtools.optimizers import SAM
+
+    class WithSAM(Regression):
+        def configure_optimizers(self):
+            return SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+
+    monitor = EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)
+    fit(WithSAM(), [monitor], steps=2)
+    assert monitor.last_metrics["eos/threshold"] == pytest.approx(3.8 / 0.1)
