@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from hildtools._checks import check_schedule
 from hildtools.logging import log_metrics, to_float
 from hildtools.probe import LossFn, Probe, Unpack
 from hildtools.sharding import sharding, unsupported_strategy
@@ -25,14 +26,6 @@ FSDP_MONITORS = ("NeuralCollapseMonitor", "FeatureRankMonitor", "InvariantSetMon
 
 class SkipMeasurement(Exception):
     """Raised inside :meth:`Monitor.measure` to skip this measurement with a warning (e.g. a NaN probe loss)."""
-
-
-def check_schedule(every_n_steps: int | None, every_n_epochs: int | None) -> None:
-    for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
-    if (every_n_steps is None) == (every_n_epochs is None):
-        raise ValueError("give exactly one of every_n_steps and every_n_epochs")
 
 
 def default_schedule(

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from hildtools._checks import check_int, check_positive
+from hildtools._checks import check_int, check_optional_int, check_positive
 from hildtools.callbacks._curvature import CurvatureMonitor
 from hildtools.callbacks._monitor import SkipMeasurement, default_schedule
 from hildtools.curvature import adam_preconditioner, hessian_eigenpairs, stability_threshold
@@ -81,8 +81,7 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         if check_positive("edge_ratio", edge_ratio) > 2:
             raise ValueError(f"edge_ratio must be in (0, 2], got {edge_ratio!r}")
         check_int("optimizer_index", optimizer_index, 0)
-        if param_group is not None:
-            check_int("param_group", param_group, 0)
+        check_optional_int("param_group", param_group, 0)
         every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
             every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, tol=tol,

@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from hildtools.callbacks._features import FeatureMonitor, wants_figures
+from hildtools.callbacks._monitor import default_schedule
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.feature_rank import FeatureRank, check_rank_args
 
@@ -60,8 +61,7 @@ class FeatureRankMonitor(FeatureMonitor):
         **kwargs: Any,
     ) -> None:
         check_rank_args(threshold, center)
-        if every_n_steps is None and every_n_epochs is None:
-            every_n_epochs = 1
+        every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, epochs=1)
         super().__init__(
             layers=layers, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size,
             **kwargs,
