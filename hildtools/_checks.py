@@ -56,3 +56,62 @@ def check_matrix(name: str, value: Any) -> Any:
     if not isinstance(value, torch.Tensor) or value.dim() != 2:
         raise ValueError(f"{name} must be a (N, D) tensor, got {getattr(value, 'shape', type(value))}")
     return value
+
+
+def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf, *, open_low: bool = False,
+                 open_high: bool = False) -> None:
+    """Raise unless ``value`` is a finite real number (or one-element tensor) in the interval from ``low`` to ``high``.
+
+    The ends are closed unless ``open_low`` / ``open_high``. Bools and strings are refused.
+
+    Raises:
+        TypeError: ``value`` is not a real number.
+        ValueError: ``value`` is outside the interval, or not finite.
+    """
+    # imported here, not at the top: this block is appended to a module others edit
+    from torch import Tensor
+
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must have one element, got shape {tuple(value.shape)}")
+        number = float(value)  # construction time only, never in a step
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    above = low < number if open_low else low <= number
+    below = number < high if open_high else number <= high
+    if not (math.isfinite(number) and above and below):
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def check_beta(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a momentum-like coefficient in ``[0, 1)``."""
+    check_number(name, value, 0.0, 1.0, open_high=True)
+
+
+def check_betas(betas: Any) -> None:
+    """Raise unless ``betas`` is a pair of coefficients in ``[0, 1)``."""
+    from collections.abc import Sequence
+
+    if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    check_beta("betas[0]", betas[0])
+    check_beta("betas[1]", betas[1])
+
+
+def check_flag(name: str, value: Any, optional: bool = False) -> None:
+    """Raise unless ``value`` is a bool (or None when ``optional``)."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        kind = "a bool or None" if optional else "a bool"
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_path_flags(maximize: Any, foreach: Any, compiled: Any = False) -> None:
+    """Raise unless ``maximize`` and ``compiled`` are bools and ``foreach`` a bool or None, not with ``compiled``."""
+    check_flag("maximize", maximize)
+    check_flag("foreach", foreach, optional=True)
+    check_flag("compiled", compiled)
+    if foreach and compiled:
+        raise ValueError("foreach and compiled cannot both be True (the compiled step is a multi-tensor step)")

@@ -11,12 +11,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from hildtools._checks import check_beta, check_number, check_path_flags
 from hildtools.optimizers._common import (
     accumulation_dtype,
     by_device_and_dtype,
-    check_beta,
-    check_number,
-    check_path_flags,
     check_unsharded,
     groups_with_grad,
     keep_if,

@@ -12,11 +12,10 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from hildtools._checks import check_flag, check_number
 from hildtools.optimizers._common import (
     accumulation_dtype,
     by_device_and_dtype,
-    check_flag,
-    check_number,
     check_unsharded,
     groups_with_grad,
     squared_norm,
