@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hildtools.batches import default_unpack
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
-from hildtools.probe import Probe, default_unpack, draw_examples, training_step_loss
+from hildtools.probe import Probe, draw_examples, training_step_loss
 
 
 def bn_net():
