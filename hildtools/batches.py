@@ -1,5 +1,15 @@
 """Batches as data: unpacking into model inputs and targets, and mapping, measuring, joining and slicing nested
 tuple/list/dict batches of tensors. Torch only; used by the probe, the callbacks and the math layers alike.
+
+Unpacking convention (:func:`default_unpack`), for ``(inputs, targets)``:
+
+* a tensor: ``(batch, None)``;
+* a tuple/list ``(x, y, ...)``: ``(x, y)`` (``y`` is ``None`` for a 1-tuple);
+* a dict (Hugging Face style): the targets are the entry under the first of :data:`TARGET_KEYS` present (or
+  ``None``); the inputs are every *other* entry, as a dict of the same type, which the model receives as keyword
+  arguments (``model(**inputs)``): ``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values``,
+  ``position_ids``, ... all reach it, as in training. A dict whose only input is under ``x``, ``input`` or
+  ``inputs`` gives that value, passed positionally.
 """
 
 from __future__ import annotations
@@ -10,17 +20,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
+TARGET_KEYS = ("labels", "label", "y", "target", "targets")
+POSITIONAL_KEYS = ("x", "input", "inputs")
+
 
 def default_unpack(batch: Any) -> tuple:
-    """``(inputs, targets)`` from a ``(x, y, ...)`` tuple/list, a ``{"x"/"input", "y"/"label"/"target"}`` dict,
-    or a bare tensor (targets ``None``)."""
+    """``(inputs, targets)`` of a tensor, a ``(x, y, ...)`` tuple/list or a dict batch (see the module docstring).
+
+    Every target key is left out of the inputs, so a model that computes its own loss from ``labels`` returns
+    plain outputs (logits) when called on the inputs.
+    """
     if isinstance(batch, Tensor):
         return batch, None
     if isinstance(batch, Mapping):
-        inputs = next((batch[k] for k in ("x", "input", "inputs", "input_ids") if k in batch), None)
-        targets = next((batch[k] for k in ("y", "label", "labels", "target", "targets") if k in batch), None)
-        if inputs is None:
-            raise ValueError(f"unpack: cannot find the inputs among the batch keys {sorted(batch)}; pass `unpack=`")
+        targets = next((batch[k] for k in TARGET_KEYS if k in batch), None)
+        inputs = type(batch)((k, v) for k, v in batch.items() if k not in TARGET_KEYS)
+        if not inputs:
+            raise ValueError(f"unpack: the batch holds only targets (keys {sorted(batch)}); pass `unpack=`")
+        if len(inputs) == 1 and next(iter(inputs)) in POSITIONAL_KEYS:
+            return next(iter(inputs.values())), targets
         return inputs, targets
     if isinstance(batch, (tuple, list)) and len(batch) >= 1:
         return batch[0], (batch[1] if len(batch) > 1 else None)

@@ -15,6 +15,14 @@ BatchNorm mode (``bn_mode``) decides which loss is probed:
 
 The two can differ several-fold in sharpness on BatchNorm networks; the choice is logged nowhere implicitly,
 so set it explicitly when it matters.
+
+Loss, inputs and targets. The default loss is the module's own ``training_step`` on the whole probe batch, exactly as
+training computes it: a Hugging Face model that computes its loss from the batch's ``labels`` gets them. The
+monitors that only run the model forward (features, NTK) call the module on ``unpack(batch)``'s inputs and use its
+targets as labels (:func:`hildtools.batches.default_unpack`): a dict batch reaches the module whole, every entry but
+the targets as a keyword argument (``module(**inputs)``: ``input_ids``, ``attention_mask``, ``token_type_ids``,
+``pixel_values``, ...), so the module's ``forward`` must accept them and return the outputs (logits); without
+``labels`` a Hugging Face model returns logits and no loss.
 """
 
 from __future__ import annotations
@@ -129,7 +137,8 @@ class Probe:
         probe_size: number of examples drawn when ``data`` is ``None`` or an iterable (>= 1).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step`` with logging
             suppressed.
-        unpack: ``unpack(batch) -> (inputs, targets)``; default :func:`default_unpack`.
+        unpack: ``unpack(batch) -> (inputs, targets)`` for the forward-only monitors; default
+            :func:`hildtools.batches.default_unpack` (a dict batch: every entry but the targets, as keyword arguments).
         bn_mode: ``"eval"`` or ``"train"`` (see the module docstring).
 
     Raises:
