@@ -198,8 +198,9 @@ def make_data(name: str, n: int = 64, seed: int = 0):
     if name in ("gpt2", "llama"):
         tokens = language_data(n, g)
         return DictDataset(input_ids=tokens, attention_mask=torch.ones_like(tokens), labels=tokens)
-    if name == "bert":  # label-dependent tokens, right-padded to LENGTH (pad id 0, attention_mask 0)
-        tokens = (torch.randint(1, 40, (n, LENGTH), generator=g) + 5 * labels[:, None]) % (VOCAB - 1) + 1
+    if name == "bert":  # random tokens after a class token (1 + label), right-padded (pad id 0, attention_mask 0)
+        tokens = torch.randint(NUM_CLASSES + 1, VOCAB, (n, LENGTH), generator=g)
+        tokens[:, 0] = 1 + labels
         mask = torch.arange(LENGTH) < torch.randint(3, LENGTH + 1, (n, 1), generator=g)
         return DictDataset(input_ids=tokens * mask, attention_mask=mask.long(),
                            token_type_ids=torch.zeros_like(tokens), labels=labels)
