@@ -1,6 +1,9 @@
 """The probing mechanism leaves training exactly as it was, in every grad mode Lightning runs hooks under."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -144,6 +147,15 @@ def test_default_unpack_formats():
         assert list(default_unpack({"x": x, "mask": mask, key: y})[0]) == ["x", "mask"]  # every target key left out
     with pytest.raises(ValueError, match="unpack"):
         default_unpack({"labels": y})
+
+
+def test_math_layers_import_neither_the_probe_nor_lightning():
+    """curvature/ and metrics/ take batch utilities from hildtools.batches, so plain PyTorch loops use them alone."""
+    code = ("import sys, hildtools.curvature, hildtools.metrics, hildtools.optimizers; "
+            "print(sorted(m for m in sys.modules if m in ('hildtools.probe', 'hildtools.callbacks', 'lightning')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.stdout.strip() == "[]"
 
 
 def test_dict_batches_reach_the_model_whole_on_padded_bert():
