@@ -1,13 +1,14 @@
-"""Collectives for diagnostics under torch.distributed; each is a no-op in a single process.
+"""Collectives for diagnostics under torch.distributed; each is a no-op in a single process. Also :func:`unwrap`,
+the module under DDP / DataParallel wrappers (no collective).
 
-Every function here runs one collective and must be called on every rank (a collective on one rank hangs).
+Every other function here runs one collective and must be called on every rank (a collective on one rank hangs).
 Results are identical on all ranks, so every rank takes the same decisions (stopping rules, skips).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_distributed() -> bool:
@@ -49,3 +50,10 @@ def all_reduce_max(value: int, device: torch.device | str = "cpu") -> int:
     packed = torch.tensor([value], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
     return int(packed.item())
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module under DistributedDataParallel / DataParallel wrappers (their forward runs collectives)."""
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        module = module.module
+    return module

@@ -11,11 +11,11 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from hildtools._checks import check_int
+from hildtools.batches import batch_size as num_examples
+from hildtools.batches import map_tensors
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
-from hildtools.distributed import all_finite, all_reduce_max
+from hildtools.distributed import all_finite, all_reduce_max, unwrap
 from hildtools.metrics.capture import FeatureCapture, check_capture_args
-from hildtools.probe import batch_size as num_examples
-from hildtools.probe import map_tensors, unwrap
 from hildtools.sharding import forward_module, sharding
 
 

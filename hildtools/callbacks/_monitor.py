@@ -46,7 +46,7 @@ class Monitor(Callback):
         probe_size: examples drawn once from the train dataloader at fit start when ``probe_data`` is None.
         probe_data: a fixed batch (tuple/list/dict of tensors) or an iterable of batches (e.g. a DataLoader).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step``, logging silenced.
-        unpack: ``unpack(batch) -> (inputs, targets)``; default: ``batch[0], batch[1]``.
+        unpack: ``unpack(batch) -> (inputs, targets)``; default: :func:`hildtools.batches.default_unpack`.
         bn_mode: ``"eval"`` (BatchNorm running statistics) or ``"train"`` (probe-batch statistics).
         measure_at_start: also measure once when training starts (step 0), before any update.
 

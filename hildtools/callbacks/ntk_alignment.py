@@ -30,10 +30,11 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from hildtools._checks import check_choice
+from hildtools.batches import map_tensors
 from hildtools.callbacks._features import check_figures, wants_figures
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
-from hildtools._checks import check_choice
-from hildtools.distributed import is_distributed
+from hildtools.distributed import is_distributed, unwrap
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.kernel import (
     kernel_alignment,
@@ -43,7 +44,6 @@ from hildtools.metrics.kernel import (
     relative_change,
 )
 from hildtools.metrics.ntk import PRODUCT_DTYPES, check_ntk_args, empirical_ntk
-from hildtools.probe import map_tensors, unwrap
 
 
 class NTKAlignmentMonitor(Monitor):

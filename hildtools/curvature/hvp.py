@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hildtools._checks import check_choice
-from hildtools.distributed import all_finite, all_reduce_mean
-from hildtools.probe import map_tensors, unwrap
+from hildtools.batches import map_tensors
+from hildtools.distributed import all_finite, all_reduce_mean, unwrap
 
 HVP_BACKENDS = ("autograd", "func")
 

@@ -56,8 +56,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
 from hildtools._checks import check_choice, check_int
+from hildtools.batches import batch_size, map_tensors
 from hildtools.distributed import all_reduce_mean, is_distributed
-from hildtools.probe import batch_size, map_tensors
 
 OUTPUTS = ("sum", "mean", "index", "projection", "full")
 PRODUCT_DTYPES = (torch.float64, torch.float32)
