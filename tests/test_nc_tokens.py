@@ -6,13 +6,13 @@ import importlib
 import lightning.pytorch as pl
 import pytest
 import torch
+from test_nc_metric import assert_close_dicts, dense_reference
 from torch.nn import functional as F
 
 from hildtools.callbacks import NeuralCollapseMonitor
 from hildtools.metrics import NeuralCollapse, neural_collapse
 from hildtools.metrics.capture import default_layer
 from hildtools.metrics.neural_collapse import shift_labels
-from test_nc_metric import assert_close_dicts, dense_reference
 
 transformers = pytest.importorskip("transformers")
 nc_module = importlib.import_module("hildtools.metrics.neural_collapse")  # the package attribute is the function
