@@ -101,11 +101,12 @@ def check_betas(betas: Any) -> None:
     check_beta("betas[1]", betas[1])
 
 
-def check_flag(name: str, value: Any, optional: bool = False) -> None:
-    """Raise unless ``value`` is a bool (or None when ``optional``)."""
+def check_flag(name: str, value: Any, optional: bool = False) -> bool | None:
+    """``value`` if it is a bool (or None when ``optional``), else a TypeError naming ``name``."""
     if not (isinstance(value, bool) or (optional and value is None)):
         kind = "a bool or None" if optional else "a bool"
         raise TypeError(f"{name} must be {kind}, got {value!r}")
+    return value
 
 
 def check_path_flags(maximize: Any, foreach: Any, compiled: Any = False) -> None:
@@ -115,3 +116,17 @@ def check_path_flags(maximize: Any, foreach: Any, compiled: Any = False) -> None
     check_flag("compiled", compiled)
     if foreach and compiled:
         raise ValueError("foreach and compiled cannot both be True (the compiled step is a multi-tensor step)")
+
+
+def check_shape(name: str, value: Any, shape: tuple) -> Any:
+    """``value`` if it is a tensor of exactly ``shape``, else a ValueError naming ``name``."""
+    if not hasattr(value, "shape") or tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {getattr(value, 'shape', value)!r}")
+    return value
+
+
+def check_ignore_index(value: Any, num_classes: int) -> int | None:
+    """``ignore_index``: None or an integer that is not a class index in [0, num_classes)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or 0 <= value < num_classes):
+        raise ValueError(f"ignore_index must be None or an integer outside [0, {num_classes}), got {value!r}")
+    return value

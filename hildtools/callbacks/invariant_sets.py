@@ -23,7 +23,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from hildtools.callbacks._features import check_figures, wants_figures
 from hildtools.callbacks._monitor import Monitor
 from hildtools.logging import log_figure, new_figure
-from hildtools.metrics.invariant_sets import LayerInvariantSets, check_invariant_set_args, invariant_sets
+from hildtools.metrics.invariant_sets import (
+    LayerInvariantSets,
+    check_invariant_set_args,
+    invariant_sets,
+)
 from hildtools.sharding import full_parameters
 
 
