@@ -16,7 +16,10 @@ With one output per example (``C = 1``) all five agree. A linear model ``f(x) = 
 ``K = C (X X^T + 1)`` under ``"sum"`` (``X X^T + 1`` under ``"mean"``; ``X X^T`` without bias).
 
 Computation. Per-example Jacobian rows come from ``torch.func`` (``vmap`` over examples of ``jacrev`` of a
-one-example ``functional_call``), ``chunk_size`` rows (example-output pairs) at a time. The kernel is assembled
+one-example ``functional_call``), ``chunk_size`` rows (example-output pairs) at a time. Where ``vmap`` fails through
+the model (an op without a batching rule such as ``nn.GRU``, data-dependent control flow such as Hugging Face's
+attention-mask utilities), the rows come one example at a time (a forward and a pullback each: the same values,
+slower). The kernel is assembled
 block by block from pairs of chunks, the second chunk of a pair being recomputed, so memory is about
 ``2 x chunk_size x P`` Jacobian entries (P parameters) plus the activations of ``chunk_size`` backward passes,
 whatever ``n``; with ``m`` chunks the Jacobian is evaluated ``m (m + 1) / 2`` chunk-times. Products are taken in
@@ -158,21 +161,12 @@ class TangentModel:
             name: upcast(p.detach()) for name, p in model.named_parameters() if name not in self.params
         }
         self.coupled = couples_examples(model)
-        self.looped = False  # set when the model has an op vmap cannot batch
+        self.looped = False  # set when vmap fails through the model (an op without a batching rule, data-dependent
+        # control flow such as Hugging Face's mask utilities, .item()): rows then come one example at a time
         self._vjp: Callable | None = None
-        with torch.inference_mode(False), torch.enable_grad():
-            if self.coupled:
-                outputs, self._vjp = vjp(self._batch_outputs, self.params)
-            else:
-                with torch.no_grad():  # the output size, from the first example
-                    first = map_tensors(lambda t: t[:1], x)
-                    try:
-                        outputs = vmap(self._example_outputs, (None, 0), randomness="error")(self.params, first)
-                    except RuntimeError as error:  # an op without a vmap rule (e.g. nn.GRU): loop over examples
-                        if "Batching rule not implemented" not in str(error):
-                            raise
-                        self.looped = True
-                        outputs = self._example_outputs(self.params, map_tensors(lambda t: t[0], first))[None]
+        with torch.inference_mode(False), torch.no_grad():  # the output size, from a plain forward (no vmap)
+            first = self.n if self.coupled else 1  # a coupled batch runs whole (batch statistics need > 1 example)
+            outputs = self._call(self.params, map_tensors(lambda t: t[:first], self.x), first)
         self.num_outputs = outputs.shape[-1]
         self.dtype = outputs.dtype
         self.device = outputs.device
@@ -220,9 +214,9 @@ class TangentModel:
     def rows(self, examples: range, outputs: range) -> list[Tensor]:
         """``d (f(x_i) @ S)_a / d theta`` for i in ``examples``, a in ``outputs``: one (b, a, P_p) tensor per parameter."""
         b, a = len(examples), len(outputs)
-        columns = self.selection_columns(outputs)
         with torch.inference_mode(False), torch.enable_grad():
             if self.coupled:
+                columns = self.selection_columns(outputs)
                 cotangents = torch.zeros(b, a, self.n, self.num_outputs, dtype=self.dtype, device=self.device)
                 cotangents[torch.arange(b), :, torch.tensor(examples)] = columns.T
                 (grads,) = vmap(self.vjp_fn)(cotangents.reshape(b * a, self.n, self.num_outputs))
@@ -230,24 +224,37 @@ class TangentModel:
                 x = map_tensors(lambda t: t[examples.start : examples.stop], self.x)
 
                 def selected(params: dict[str, Tensor], x_one: Any) -> Tensor:
-                    return self._example_outputs(params, x_one) @ columns
+                    out = self._example_outputs(params, x_one)
+                    if self.selection is None:  # identity: slice, never an identity matrix of C x C entries
+                        return out[outputs.start : outputs.stop]
+                    return out @ self.selection[:, outputs.start : outputs.stop]
 
-                if self.looped:
+                grads = None
+                if not self.looped:
+                    try:
+                        grads = vmap(jacrev(selected), (None, 0), randomness="error")(self.params, x)
+                    except RuntimeError:  # vmap cannot batch the model; a model's own error recurs in the loop
+                        self.looped = True
+                if grads is None:
                     grads = self._looped_jacobian(selected, x, b, a)
-                else:
-                    grads = vmap(jacrev(selected), (None, 0), randomness="error")(self.params, x)
         return [grads[name].reshape(b, a, -1) for name in self.params]
 
     def _looped_jacobian(self, selected: Callable, x: Any, b: int, a: int) -> dict[str, Tensor]:
-        """The Jacobian rows one example and one output at a time (for ops without a vmap rule): b x a VJPs."""
+        """The Jacobian rows one example at a time (no vmap through the model): one forward per example, its
+        pullback applied to the ``a`` unit cotangents (vmapped over the backward graph, or looped if that fails)."""
         rows = {name: [] for name in self.params}
+        units = torch.eye(a, dtype=self.dtype, device=self.device)
         for i in range(b):
-            _, pullback = vjp(lambda params: selected(params, map_tensors(lambda t: t[i], x)), self.params)
-            for unit in torch.eye(a, dtype=self.dtype, device=self.device):
-                (grads,) = pullback(unit)
-                for name in self.params:
-                    rows[name].append(grads[name])
-        return {name: torch.stack(parts).reshape(b, a, *parts[0].shape) for name, parts in rows.items()}
+            x_one = map_tensors(lambda t, i=i: t[i], x)
+            _, pullback = vjp(lambda params, x_one=x_one: selected(params, x_one), self.params)
+            try:
+                (grads,) = vmap(pullback)(units)
+            except RuntimeError:  # no batching rule in the backward graph either
+                parts = [pullback(unit)[0] for unit in units]
+                grads = {name: torch.stack([part[name] for part in parts]) for name in self.params}
+            for name in self.params:
+                rows[name].append(grads[name])
+        return {name: torch.stack(parts) for name, parts in rows.items()}
 
     @property
     def vjp_fn(self) -> Callable:
