@@ -102,3 +102,38 @@ def test_monitor_on_bert_with_dict_batches_logs_the_functional_kernel(tmp_path):
     torch.testing.assert_close(monitor.last_kernel, expected, rtol=1e-5, atol=0)
     assert {"ntk/trace", "ntk/target_alignment", "ntk/init_alignment"} <= set(monitor.last_metrics)
     assert monitor.last_metrics["ntk/trace"] == pytest.approx(float(expected.trace()), rel=1e-6)
+
+
+def reference_kernel(jacobian, output, output_index=None, seed=0):
+    """Each convention from the (n, C, P) Jacobian of the flattened (positions x vocabulary) logits."""
+    n, c, _ = jacobian.shape
+    full = torch.einsum("iap,jbp->iajb", jacobian, jacobian)
+    if output == "full":
+        return full.reshape(n * c, n * c)
+    if output == "index":
+        return full[:, output_index, :, output_index]
+    if output == "projection":  # one v ~ N(0, I_{T*V}) from a CPU generator seeded with `seed`
+        v = torch.randn(c, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)[:, 0]
+        return torch.einsum("iajb,a,b->ij", full, v, v)
+    traced = torch.einsum("iaja->ij", full)
+    return traced / c if output == "mean" else traced
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("output", ["sum", "mean", "index", "projection", "full", "auto"])
+def test_gpt2_sequence_outputs_match_the_explicit_jacobian(output, masked):
+    """(n, T, V) logits, flattened per example (a = t*V + v): sums run over positions and vocabulary. With an
+    attention mask HF's mask utilities defeat vmap and the per-example path runs."""
+    model = tiny_gpt2()
+    n, length, vocab = 3, 5, 11
+    ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids}
+    if masked:
+        inputs["attention_mask"] = torch.ones(n, length, dtype=torch.long)
+    jacobian = explicit_jacobian(model, inputs)
+    assert jacobian.shape[1] == length * vocab
+    index = 2 * vocab + 7 if output == "index" else None  # position 2, token 7
+    expected_output = "projection" if output == "auto" else output  # C = 55 > 16 outputs
+    expected = reference_kernel(jacobian, expected_output, index, seed=4)
+    kernel = empirical_ntk(model, inputs, output=output, output_index=index, seed=4, chunk_size=40)
+    assert_relative(kernel, expected)

@@ -10,10 +10,24 @@ and concatenated) give, by ``output`` convention:
 - ``"projection"``: the kernel of the scalar output ``v^T f(x)``, ``v ~ N(0, I_C)`` drawn once from ``seed``
   (on the CPU, so the same on every device); ``E_v[K] = `` the ``"sum"`` kernel; one backward per example
   instead of ``C``;
-- ``"full"``: the (nC) x (nC) kernel ``K[i*C + a, j*C + b] = <J_ia, J_jb>`` (``K.view(n, C, n, C)``).
+- ``"full"``: the (nC) x (nC) kernel ``K[i*C + a, j*C + b] = <J_ia, J_jb>`` (``K.view(n, C, n, C)``);
+- ``"auto"`` (the monitor's default): ``"sum"`` when ``C <= AUTO_MAX_OUTPUTS`` (16), else ``"projection"``. The
+  exact sum costs C Jacobian rows per example (C backward passes, and C times the Gram product), the projection one.
 
-With one output per example (``C = 1``) all five agree. A linear model ``f(x) = W x + b`` has
+With one output per example (``C = 1``) all agree. A linear model ``f(x) = W x + b`` has
 ``K = C (X X^T + 1)`` under ``"sum"`` (``X X^T + 1`` under ``"mean"``; ``X X^T`` without bias).
+
+Sequence outputs. An output of shape (n, T, V) (a causal language model's logits: T positions, V vocabulary
+entries; any (n, d_1, ..., d_k) alike) is flattened per example, ``a = t*V + v`` and ``C = T*V``: ``"sum"``
+sums over positions *and* vocabulary, ``K_ij = sum_t sum_v <J_itv, J_jtv>`` (the positions of x_i are paired
+with the same positions of x_j); ``"mean"`` divides by ``T*V``; ``"projection"`` draws one Gaussian ``v`` of T*V
+entries (the kernel of ``sum_t sum_v v_tv f_tv(x)``, unbiased for the sum over positions and vocabulary);
+``"index"`` picks position ``a // V`` and token ``a % V``; ``"full"`` is (nTV) x (nTV). Hugging Face outputs
+(``ModelOutput``, dicts) use their ``logits``. The exact sum over a vocabulary is rarely affordable: a 2-layer
+GPT-2 with V = 256, T = 32 has C = 8192 rows per example: for n = 64 about 950 s of backward passes and
+``n^2 C P`` = 4e12 multiply-adds (P = 120,576 parameters), before the recomputation of chunk pairs; ``"auto"``
+projects such outputs before differentiating (one backward per example: 0.26 s for that model, n = 64, one CPU
+thread; ``benchmarks/results/ntk_gpt2_cpu.md``).
 
 Computation. Per-example Jacobian rows come from ``torch.func`` (``vmap`` over examples of ``jacrev`` of a
 one-example ``functional_call``), ``chunk_size`` rows (example-output pairs) at a time. Where ``vmap`` fails through
@@ -62,7 +76,8 @@ from hildtools._checks import check_choice, check_int
 from hildtools.distributed import all_reduce_mean, is_distributed
 from hildtools.probe import batch_size, map_tensors
 
-OUTPUTS = ("sum", "mean", "index", "projection", "full")
+OUTPUTS = ("sum", "mean", "index", "projection", "full", "auto")
+AUTO_MAX_OUTPUTS = 16  # "auto": the exact sum up to this many outputs per example, the projection beyond
 PRODUCT_DTYPES = (torch.float64, torch.float32)
 CHUNK_BYTES = 2**30  # default chunk: the Jacobian rows fitting 1 GiB
 _BLOCK_ELEMENTS = 2**22  # converted copies and sketch matrices are made in blocks of at most this many entries
@@ -172,6 +187,9 @@ class TangentModel:
         self.device = outputs.device
         if output == "index" and output_index >= self.num_outputs:
             raise ValueError(f"output_index must be in [0, {self.num_outputs}) for this model, got {output_index}")
+        if output == "auto":
+            output = "sum" if self.num_outputs <= AUTO_MAX_OUTPUTS else "projection"
+        self.output = output  # the convention in force ("auto" resolved)
         self.selection = self._selection(output, output_index, seed)
 
     # -- the function ---------------------------------------------------------------------------------------------
@@ -397,7 +415,8 @@ def empirical_ntk(
         model: any ``nn.Module``; evaluated as given (put it in eval mode for the eval-mode NTK).
         x: the inputs: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict (``model(**x)``) of tensors
             with a leading example dimension n.
-        output: ``"sum"`` (default), ``"mean"``, ``"index"``, ``"projection"`` or ``"full"``.
+        output: ``"sum"`` (default), ``"mean"``, ``"index"``, ``"projection"``, ``"full"`` or ``"auto"`` (``"sum"``
+            up to 16 outputs per example, else ``"projection"``); sequence outputs in the module docstring.
         output_index: the output used by ``output="index"``, in [0, C).
         chunk_size: Jacobian rows (example-output pairs) computed at once, >= 1; peak memory is about
             ``2 x chunk_size x P`` entries. Default: the rows fitting 1 GiB (at least one).
@@ -441,12 +460,12 @@ def empirical_ntk(
     def reduce_sum(tensor: Tensor) -> Tensor:
         return all_reduce_mean(tensor) * world if shared else tensor
 
-    full = output == "full"
+    full = tangent.output == "full"
     if sketch_dim is None:
         kernel = reduce_sum(_exact_kernel(tangent, chunks, full, owned, product_dtype))
     else:
         kernel = _sketched_kernel(tangent, chunks, full, owned, sketch_dim, seed, reduce_sum)
-    if output == "mean":
+    if tangent.output == "mean":
         kernel = kernel / tangent.num_outputs
     if full:
         size = tangent.n * tangent.num_outputs
