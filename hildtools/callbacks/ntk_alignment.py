@@ -52,8 +52,10 @@ class NTKAlignmentMonitor(Monitor):
     Args:
         every_n_steps / every_n_epochs: the schedule (exactly one; default every 100 steps).
         probe_size: probe examples drawn from the train dataloader (default 256; the kernel is probe_size^2).
-        output: the output convention of :func:`hildtools.metrics.empirical_ntk`: ``"sum"`` (default), ``"mean"``,
-            ``"index"``, ``"projection"`` or ``"full"``.
+        output: the output convention of :func:`hildtools.metrics.empirical_ntk`: ``"auto"`` (default: the exact
+            ``"sum"`` over outputs up to 16 outputs per example, the seeded ``"projection"`` beyond, e.g. for a
+            language model's positions x vocabulary), ``"sum"``, ``"mean"``, ``"index"``, ``"projection"`` or
+            ``"full"``.
         output_index: the output for ``output="index"``.
         chunk_size: Jacobian rows computed at once (bounds memory; default: the rows fitting 1 GiB).
         sketch_dim: compute a Gaussian sketch of the kernel with this dimension instead of the exact one.
@@ -82,7 +84,7 @@ class NTKAlignmentMonitor(Monitor):
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         probe_size: int = 256,
-        output: str = "sum",
+        output: str = "auto",
         output_index: int | None = None,
         chunk_size: int | None = None,
         sketch_dim: int | None = None,
@@ -102,8 +104,8 @@ class NTKAlignmentMonitor(Monitor):
         if every_n_steps is None and every_n_epochs is None:
             every_n_steps = 100
         super().__init__(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, **kwargs)
-        self.ntk_options = dict(output=output, output_index=output_index, chunk_size=chunk_size,
-                                sketch_dim=sketch_dim, seed=seed, product_dtype=product_dtype)  # fmt: skip
+        self.ntk_options = {"output": output, "output_index": output_index, "chunk_size": chunk_size,
+                            "sketch_dim": sketch_dim, "seed": seed, "product_dtype": product_dtype}  # fmt: skip
         self.params = None if params is None else list(params)
         self.figures = figures
         self.initial_kernel: Tensor | None = None

@@ -208,7 +208,7 @@ def target_alignment_numerator(
     if centered:
         targets = targets - targets.mean(0, keepdim=True)
     targets = targets.to(device=tangent.device, dtype=tangent.dtype)
-    if output == "full":
+    if tangent.output == "full":
         if targets.shape[1] != tangent.num_outputs:
             raise ValueError(f"y: output='full' needs (n, {tangent.num_outputs}) targets, got {tuple(y.shape)}")
         cotangents = targets[None]
@@ -220,4 +220,4 @@ def target_alignment_numerator(
     for start in range(0, len(cotangents), step):
         (grads,) = vmap(tangent.vjp_fn)(cotangents[start : start + step])
         total += sum(g.reshape(len(g), -1).double().square().sum() for g in grads.values())
-    return total / tangent.num_outputs if output == "mean" else total
+    return total / tangent.num_outputs if tangent.output == "mean" else total

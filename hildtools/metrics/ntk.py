@@ -10,13 +10,30 @@ and concatenated) give, by ``output`` convention:
 - ``"projection"``: the kernel of the scalar output ``v^T f(x)``, ``v ~ N(0, I_C)`` drawn once from ``seed``
   (on the CPU, so the same on every device); ``E_v[K] = `` the ``"sum"`` kernel; one backward per example
   instead of ``C``;
-- ``"full"``: the (nC) x (nC) kernel ``K[i*C + a, j*C + b] = <J_ia, J_jb>`` (``K.view(n, C, n, C)``).
+- ``"full"``: the (nC) x (nC) kernel ``K[i*C + a, j*C + b] = <J_ia, J_jb>`` (``K.view(n, C, n, C)``);
+- ``"auto"`` (the monitor's default): ``"sum"`` when ``C <= AUTO_MAX_OUTPUTS`` (16), else ``"projection"``. The
+  exact sum costs C Jacobian rows per example (C backward passes, and C times the Gram product), the projection one.
 
-With one output per example (``C = 1``) all five agree. A linear model ``f(x) = W x + b`` has
+With one output per example (``C = 1``) all agree. A linear model ``f(x) = W x + b`` has
 ``K = C (X X^T + 1)`` under ``"sum"`` (``X X^T + 1`` under ``"mean"``; ``X X^T`` without bias).
 
+Sequence outputs. An output of shape (n, T, V) (a causal language model's logits: T positions, V vocabulary
+entries; any (n, d_1, ..., d_k) alike) is flattened per example, ``a = t*V + v`` and ``C = T*V``: ``"sum"``
+sums over positions *and* vocabulary, ``K_ij = sum_t sum_v <J_itv, J_jtv>`` (the positions of x_i are paired
+with the same positions of x_j); ``"mean"`` divides by ``T*V``; ``"projection"`` draws one Gaussian ``v`` of T*V
+entries (the kernel of ``sum_t sum_v v_tv f_tv(x)``, unbiased for the sum over positions and vocabulary);
+``"index"`` picks position ``a // V`` and token ``a % V``; ``"full"`` is (nTV) x (nTV). Hugging Face outputs
+(``ModelOutput``, dicts) use their ``logits``. The exact sum over a vocabulary is rarely affordable: a 2-layer
+GPT-2 with V = 256, T = 32 has C = 8192 rows per example: for n = 64 about 950 s of backward passes and
+``n^2 C P`` = 4e12 multiply-adds (P = 120,576 parameters), before the recomputation of chunk pairs; ``"auto"``
+projects such outputs before differentiating (one backward per example: 0.26 s for that model, n = 64, one CPU
+thread; ``benchmarks/results/ntk_gpt2_cpu.md``).
+
 Computation. Per-example Jacobian rows come from ``torch.func`` (``vmap`` over examples of ``jacrev`` of a
-one-example ``functional_call``), ``chunk_size`` rows (example-output pairs) at a time. The kernel is assembled
+one-example ``functional_call``), ``chunk_size`` rows (example-output pairs) at a time. Where ``vmap`` fails through
+the model (an op without a batching rule such as ``nn.GRU``, data-dependent control flow such as Hugging Face's
+attention-mask utilities), the rows come one example at a time (a forward and a pullback each: the same values,
+slower). The kernel is assembled
 block by block from pairs of chunks, the second chunk of a pair being recomputed, so memory is about
 ``2 x chunk_size x P`` Jacobian entries (P parameters) plus the activations of ``chunk_size`` backward passes,
 whatever ``n``; with ``m`` chunks the Jacobian is evaluated ``m (m + 1) / 2`` chunk-times. Products are taken in
@@ -59,7 +76,8 @@ from hildtools._checks import check_choice, check_int
 from hildtools.batches import batch_size, map_tensors
 from hildtools.distributed import all_reduce_mean, is_distributed
 
-OUTPUTS = ("sum", "mean", "index", "projection", "full")
+OUTPUTS = ("sum", "mean", "index", "projection", "full", "auto")
+AUTO_MAX_OUTPUTS = 16  # "auto": the exact sum up to this many outputs per example, the projection beyond
 PRODUCT_DTYPES = (torch.float64, torch.float32)
 CHUNK_BYTES = 2**30  # default chunk: the Jacobian rows fitting 1 GiB
 _BLOCK_ELEMENTS = 2**22  # converted copies and sketch matrices are made in blocks of at most this many entries
@@ -158,26 +176,20 @@ class TangentModel:
             name: upcast(p.detach()) for name, p in model.named_parameters() if name not in self.params
         }
         self.coupled = couples_examples(model)
-        self.looped = False  # set when the model has an op vmap cannot batch
+        self.looped = False  # set when vmap fails through the model (an op without a batching rule, data-dependent
+        # control flow such as Hugging Face's mask utilities, .item()): rows then come one example at a time
         self._vjp: Callable | None = None
-        with torch.inference_mode(False), torch.enable_grad():
-            if self.coupled:
-                outputs, self._vjp = vjp(self._batch_outputs, self.params)
-            else:
-                with torch.no_grad():  # the output size, from the first example
-                    first = map_tensors(lambda t: t[:1], x)
-                    try:
-                        outputs = vmap(self._example_outputs, (None, 0), randomness="error")(self.params, first)
-                    except RuntimeError as error:  # an op without a vmap rule (e.g. nn.GRU): loop over examples
-                        if "Batching rule not implemented" not in str(error):
-                            raise
-                        self.looped = True
-                        outputs = self._example_outputs(self.params, map_tensors(lambda t: t[0], first))[None]
+        with torch.inference_mode(False), torch.no_grad():  # the output size, from a plain forward (no vmap)
+            first = self.n if self.coupled else 1  # a coupled batch runs whole (batch statistics need > 1 example)
+            outputs = self._call(self.params, map_tensors(lambda t: t[:first], self.x), first)
         self.num_outputs = outputs.shape[-1]
         self.dtype = outputs.dtype
         self.device = outputs.device
         if output == "index" and output_index >= self.num_outputs:
             raise ValueError(f"output_index must be in [0, {self.num_outputs}) for this model, got {output_index}")
+        if output == "auto":
+            output = "sum" if self.num_outputs <= AUTO_MAX_OUTPUTS else "projection"
+        self.output = output  # the convention in force ("auto" resolved)
         self.selection = self._selection(output, output_index, seed)
 
     # -- the function ---------------------------------------------------------------------------------------------
@@ -220,9 +232,9 @@ class TangentModel:
     def rows(self, examples: range, outputs: range) -> list[Tensor]:
         """``d (f(x_i) @ S)_a / d theta`` for i in ``examples``, a in ``outputs``: one (b, a, P_p) tensor per parameter."""
         b, a = len(examples), len(outputs)
-        columns = self.selection_columns(outputs)
         with torch.inference_mode(False), torch.enable_grad():
             if self.coupled:
+                columns = self.selection_columns(outputs)
                 cotangents = torch.zeros(b, a, self.n, self.num_outputs, dtype=self.dtype, device=self.device)
                 cotangents[torch.arange(b), :, torch.tensor(examples)] = columns.T
                 (grads,) = vmap(self.vjp_fn)(cotangents.reshape(b * a, self.n, self.num_outputs))
@@ -230,24 +242,37 @@ class TangentModel:
                 x = map_tensors(lambda t: t[examples.start : examples.stop], self.x)
 
                 def selected(params: dict[str, Tensor], x_one: Any) -> Tensor:
-                    return self._example_outputs(params, x_one) @ columns
+                    out = self._example_outputs(params, x_one)
+                    if self.selection is None:  # identity: slice, never an identity matrix of C x C entries
+                        return out[outputs.start : outputs.stop]
+                    return out @ self.selection[:, outputs.start : outputs.stop]
 
-                if self.looped:
+                grads = None
+                if not self.looped:
+                    try:
+                        grads = vmap(jacrev(selected), (None, 0), randomness="error")(self.params, x)
+                    except RuntimeError:  # vmap cannot batch the model; a model's own error recurs in the loop
+                        self.looped = True
+                if grads is None:
                     grads = self._looped_jacobian(selected, x, b, a)
-                else:
-                    grads = vmap(jacrev(selected), (None, 0), randomness="error")(self.params, x)
         return [grads[name].reshape(b, a, -1) for name in self.params]
 
     def _looped_jacobian(self, selected: Callable, x: Any, b: int, a: int) -> dict[str, Tensor]:
-        """The Jacobian rows one example and one output at a time (for ops without a vmap rule): b x a VJPs."""
+        """The Jacobian rows one example at a time (no vmap through the model): one forward per example, its
+        pullback applied to the ``a`` unit cotangents (vmapped over the backward graph, or looped if that fails)."""
         rows = {name: [] for name in self.params}
+        units = torch.eye(a, dtype=self.dtype, device=self.device)
         for i in range(b):
-            _, pullback = vjp(lambda params: selected(params, map_tensors(lambda t: t[i], x)), self.params)
-            for unit in torch.eye(a, dtype=self.dtype, device=self.device):
-                (grads,) = pullback(unit)
-                for name in self.params:
-                    rows[name].append(grads[name])
-        return {name: torch.stack(parts).reshape(b, a, *parts[0].shape) for name, parts in rows.items()}
+            x_one = map_tensors(lambda t, i=i: t[i], x)
+            _, pullback = vjp(lambda params, x_one=x_one: selected(params, x_one), self.params)
+            try:
+                (grads,) = vmap(pullback)(units)
+            except RuntimeError:  # no batching rule in the backward graph either
+                parts = [pullback(unit)[0] for unit in units]
+                grads = {name: torch.stack([part[name] for part in parts]) for name in self.params}
+            for name in self.params:
+                rows[name].append(grads[name])
+        return {name: torch.stack(parts) for name, parts in rows.items()}
 
     @property
     def vjp_fn(self) -> Callable:
@@ -390,7 +415,8 @@ def empirical_ntk(
         model: any ``nn.Module``; evaluated as given (put it in eval mode for the eval-mode NTK).
         x: the inputs: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict (``model(**x)``) of tensors
             with a leading example dimension n.
-        output: ``"sum"`` (default), ``"mean"``, ``"index"``, ``"projection"`` or ``"full"``.
+        output: ``"sum"`` (default), ``"mean"``, ``"index"``, ``"projection"``, ``"full"`` or ``"auto"`` (``"sum"``
+            up to 16 outputs per example, else ``"projection"``); sequence outputs in the module docstring.
         output_index: the output used by ``output="index"``, in [0, C).
         chunk_size: Jacobian rows (example-output pairs) computed at once, >= 1; peak memory is about
             ``2 x chunk_size x P`` entries. Default: the rows fitting 1 GiB (at least one).
@@ -434,12 +460,12 @@ def empirical_ntk(
     def reduce_sum(tensor: Tensor) -> Tensor:
         return all_reduce_mean(tensor) * world if shared else tensor
 
-    full = output == "full"
+    full = tangent.output == "full"
     if sketch_dim is None:
         kernel = reduce_sum(_exact_kernel(tangent, chunks, full, owned, product_dtype))
     else:
         kernel = _sketched_kernel(tangent, chunks, full, owned, sketch_dim, seed, reduce_sum)
-    if output == "mean":
+    if tangent.output == "mean":
         kernel = kernel / tangent.num_outputs
     if full:
         size = tangent.n * tangent.num_outputs
