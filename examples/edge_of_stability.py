@@ -69,7 +69,7 @@ class History(pl.Callback):
                               self.monitor.last_metrics["eos/threshold"]))
 
 
-def run(optimizer: str = "gd", lr: float = 0.2, steps: int = 1500, n: int = 1000, width: int = 64,
+def run(optimizer: str = "gd", lr: float = 0.2, steps: int = 1000, n: int = 1000, width: int = 64,
         every_n_steps: int = 10, seed: int = 0, out: str = "outputs/edge_of_stability",
         use_wandb: bool = False) -> list[tuple]:
     """Train full-batch; returns rows (step, loss, sharpness, threshold) at each measurement."""
@@ -140,7 +140,7 @@ def main(argv=None):
     parser.add_argument("--lrs", type=float, nargs="+", default=None,
                         help="learning rates; default per optimizer: " + ", ".join(
                             f"{k} {' '.join(map(str, v))}" for k, v in DEFAULT_LRS.items()))
-    parser.add_argument("--steps", type=int, default=1500, help="full-batch steps")
+    parser.add_argument("--steps", type=int, default=1000, help="full-batch steps")
     parser.add_argument("--n", type=int, default=1000, help="training examples (full batch)")
     parser.add_argument("--width", type=int, default=64, help="hidden units of both tanh layers")
     parser.add_argument("--every-n-steps", type=int, default=10, help="sharpness measurement interval")
@@ -159,8 +159,8 @@ def main(argv=None):
             runs[lr].append(rows)
             checks += criteria(rows, lr)
         per_seed.append(checks)
-    report(f"edge_of_stability[{args.optimizer}]", combine(per_seed), numbers(runs), plot(runs, args.optimizer,
-                                                                                       args.out))
+    figure = plot(runs, args.optimizer, args.out)
+    report(f"edge_of_stability[{args.optimizer}]", combine(per_seed), numbers(runs), figure, seed_list(args))
 
 
 if __name__ == "__main__":

@@ -137,8 +137,9 @@ def main(argv=None):
         rows, baseline = run(args.k, args.epochs, args.width, args.lr, args.every_n_steps, args.probe_size, seed,
                              args.out, args.wandb)
         runs.append(rows)
+    figure = plot(runs[0], args.k, baseline, args.out)
     report("hessian_inertia", combine([criteria(rows) for rows in runs]),
-           numbers(runs, args.k, args.every_n_steps, baseline), plot(runs[0], args.k, baseline, args.out))
+           numbers(runs, args.k, args.every_n_steps, baseline), figure, seed_list(args))
 
 
 if __name__ == "__main__":

@@ -84,12 +84,12 @@ def save_figure(figure, out: str, filename: str) -> str:
 
 
 def mean_spread(values, fmt: str = ".3g") -> str:
-    """``mean ± std`` over seeds (sample std), ``mean (1 seed)`` for one value, ``n/a`` when none."""
+    """``mean ± std`` over seeds (sample std), the value alone for one seed, ``n/a`` when none."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:{fmt}} (1 seed)"
+        return f"{values[0]:{fmt}}"
     return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
@@ -104,12 +104,14 @@ def combine(per_seed: list[list[tuple[str, bool]]]) -> list[tuple[str, bool]]:
     return combined
 
 
-def report(name: str, criteria: list[tuple[str, bool]], numbers: str, figure_path: str | None) -> bool:
-    """Prints ``VERDICT <name>: PASS|FAIL (<met>/<all> criteria); <numbers>``, one ``[PASS]``/``[FAIL]`` line per
-    criterion and ``figure: <path>``; returns whether every criterion passed."""
+def report(name: str, criteria: list[tuple[str, bool]], numbers: str, figure_path: str | None,
+           seeds: list[int]) -> bool:
+    """Prints ``VERDICT <name>: PASS|FAIL (<met>/<all> criteria, <seeds>); <numbers>``, one ``[PASS]``/``[FAIL]``
+    line per criterion and ``figure: <path>``; returns whether every criterion passed."""
     passed = all(ok for _, ok in criteria)
     met = sum(ok for _, ok in criteria)
-    print(f"VERDICT {name}: {'PASS' if passed else 'FAIL'} ({met}/{len(criteria)} criteria); {numbers}")
+    which = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}, mean ± std"
+    print(f"VERDICT {name}: {'PASS' if passed else 'FAIL'} ({met}/{len(criteria)} criteria, {which}); {numbers}")
     for text, ok in criteria:
         print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
     if figure_path:
