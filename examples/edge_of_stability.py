@@ -21,14 +21,22 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from digits import digits_tensors
+from phenomena_common import (
+    combine,
+    finish_wandb,
+    make_logger,
+    mean_spread,
+    parser_for,
+    pyplot,
+    report,
+    save_figure,
+    seed_list,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from digits import digits_tensors
 from hildtools.callbacks import EdgeOfStabilityMonitor
-from phenomena_common import (
-    combine, finish_wandb, make_logger, mean_spread, parser_for, pyplot, report, save_figure, seed_list,
-)
 
 OPTIMIZERS = {
     "gd": lambda params, lr: torch.optim.SGD(params, lr=lr),

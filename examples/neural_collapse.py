@@ -34,13 +34,22 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from digits import digits_loaders
+from phenomena_common import (
+    combine,
+    finish_wandb,
+    make_logger,
+    mean_spread,
+    parser_for,
+    pyplot,
+    report,
+    save_figure,
+    seed_list,
+)
 from torch import nn
 from torch.nn import functional as F
 
-from digits import digits_loaders
 from hildtools.callbacks import NeuralCollapseMonitor
-from phenomena_common import combine, finish_wandb, make_logger, mean_spread, parser_for, pyplot, report, save_figure
-from phenomena_common import seed_list
 
 
 class DigitsMLP(pl.LightningModule):

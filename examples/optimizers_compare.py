@@ -26,13 +26,22 @@ import math
 
 import lightning.pytorch as pl
 import torch
+from digits import digits_loaders
+from phenomena_common import (
+    combine,
+    finish_wandb,
+    make_logger,
+    mean_spread,
+    parser_for,
+    pyplot,
+    report,
+    save_figure,
+    seed_list,
+)
 from torch import nn
 from torch.nn import functional as F
 
-from digits import digits_loaders
 from hildtools.optimizers import NGN, Lion, Signum
-from phenomena_common import combine, finish_wandb, make_logger, mean_spread, parser_for, pyplot, report, save_figure
-from phenomena_common import seed_list
 
 OPTIMIZERS = {
     "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),

@@ -30,15 +30,24 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from phenomena_common import (
+    combine,
+    finish_wandb,
+    make_logger,
+    mean_spread,
+    parser_for,
+    pyplot,
+    report,
+    save_figure,
+    seed_list,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hildtools.callbacks import FeatureRankMonitor
+from hildtools.metrics import feature_rank
 from hildtools.optimizers import SAM
 from hildtools.optimizers.sam import check_lightning_compat
-from hildtools.metrics import feature_rank
-from phenomena_common import combine, finish_wandb, make_logger, mean_spread, parser_for, pyplot, report, save_figure
-from phenomena_common import seed_list
 
 
 def on_sphere(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:

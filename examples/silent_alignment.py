@@ -30,13 +30,22 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from phenomena_common import (
+    combine,
+    finish_wandb,
+    make_logger,
+    mean_spread,
+    parser_for,
+    pyplot,
+    report,
+    save_figure,
+    seed_list,
+)
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from hildtools.callbacks import NTKAlignmentMonitor
 from hildtools.metrics import kernel_alignment_between
-from phenomena_common import combine, finish_wandb, make_logger, mean_spread, parser_for, pyplot, report, save_figure
-from phenomena_common import seed_list
 
 
 def whitened_task(n: int, dim: int, teacher: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

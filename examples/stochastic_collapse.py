@@ -29,12 +29,21 @@ import math
 
 import lightning.pytorch as pl
 import torch
+from phenomena_common import (
+    combine,
+    finish_wandb,
+    make_logger,
+    mean_spread,
+    parser_for,
+    pyplot,
+    report,
+    save_figure,
+    seed_list,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hildtools.callbacks import InvariantSetMonitor
-from phenomena_common import combine, finish_wandb, make_logger, mean_spread, parser_for, pyplot, report, save_figure
-from phenomena_common import seed_list
 
 
 def teacher_data(n=256, dim=10, teacher_width=4, seed=0):
