@@ -16,10 +16,10 @@ import os
 
 import lightning.pytorch as pl
 import torch
+from digits import digits_loaders
 from torch import nn
 from torch.nn import functional as F
 
-from digits import digits_loaders
 from hildtools.callbacks import (
     EdgeOfStabilityMonitor,
     FeatureRankMonitor,
