@@ -18,9 +18,8 @@ probe (see the README for its measured overhead).
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -29,7 +28,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from hildtools._checks import check_int, check_positive
 from hildtools.callbacks._curvature import CurvatureMonitor
 from hildtools.callbacks._monitor import SkipMeasurement
-from hildtools.curvature import adam_preconditioner, hessian_eigenpairs, stability_threshold
+from hildtools.curvature import (
+    adam_preconditioner,
+    hessian_eigenpairs,
+    stability_threshold,
+)
 from hildtools.optimizers import NGN
 
 ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
@@ -49,6 +52,8 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         optimizer_index: which of ``trainer.optimizers`` sets the threshold.
         bn_mode: ``"train"`` (default) or ``"eval"``; see :class:`hildtools.probe.Probe`.
         measure_at_start: also measure before the first update (off by default: Adam has no preconditioner yet).
+        hvp: ``"auto"`` (default), ``"autograd"`` or ``"finite_difference"``: how Hessian-vector products are
+            computed, see :class:`hildtools.callbacks._curvature.CurvatureMonitor`.
         **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``every_n_epochs``.
 
     Raises:
@@ -72,6 +77,7 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         optimizer_index: int = 0,
         bn_mode: str = "train",
         measure_at_start: bool = False,
+        hvp: str = "auto",
         **kwargs: Any,
     ) -> None:
         if check_positive("edge_ratio", edge_ratio) > 2:
@@ -79,7 +85,7 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         check_int("optimizer_index", optimizer_index, 0)
         super().__init__(
             every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, bn_mode=bn_mode,
-            measure_at_start=measure_at_start, **kwargs,
+            measure_at_start=measure_at_start, hvp=hvp, **kwargs,
         )
         self.edge_ratio = float(edge_ratio)
         self.optimizer_index = optimizer_index
@@ -120,9 +126,10 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
             if any("exp_avg_sq" not in optimizer.state.get(p, {}) for p in params):
                 raise SkipMeasurement("Adam has taken no step yet, so its preconditioner is undefined")
             preconditioner = adam_preconditioner(optimizer, params)
+        model, loss = self.model_and_loss(trainer, module)
         result = self.guarded(
-            hessian_eigenpairs, module, self.probe.loss, batch, k=1, tol=self.tol, max_iter=self.max_iter,
-            init=self.vector, preconditioner=preconditioner, seed=self.last_step,
+            hessian_eigenpairs, model, loss, batch, k=1, tol=self.tol, max_iter=self.max_iter,
+            init=self.vector, preconditioner=preconditioner, seed=self.last_step, hvp=self.method or self.hvp,
         )
         self.vector = result.eigenvectors
         sharpness = float(result.eigenvalues[0])
