@@ -26,6 +26,21 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     return out / torch.distributed.get_world_size()
 
 
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum over ranks (a new tensor; the input is left alone)."""
+    if not is_distributed():
+        return tensor
+    out = tensor.clone()
+    torch.distributed.all_reduce(out)
+    return out
+
+
+def sharded_inner(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for vectors whose entries are split across ranks: the local products, summed over ranks (one
+    collective; the full vectors are never gathered). Identical on every rank."""
+    return all_reduce_sum(a @ b)
+
+
 def all_reduce_weighted_mean(tensor: Tensor, weight: float) -> Tensor:
     """``sum_r w_r t_r / sum_r w_r``: the mean of a per-example average when ranks hold ``w_r`` examples each."""
     if not is_distributed():

@@ -166,6 +166,7 @@ class Probe:
         self.bn_mode = bn_mode
         self.batch: Any = None
         self.rank_weight: float | None = None
+        self.math_attention = True  # see session(); False for gradient-only diagnostics (finite differences)
 
     def prepare(self, trainer: Any = None, module: nn.Module | None = None) -> Any:
         """Fix the probe batch (once) and move it to the module's device. Returns it.
@@ -222,8 +223,10 @@ class Probe:
         """Probe mode on the unwrapped ``module``; everything training depends on is restored on exit.
 
         Inside: grad enabled (even under ``inference_mode``), autocast off, dropout off, BatchNorm per ``bn_mode``,
-        and ``scaled_dot_product_attention`` on its math kernel (the fused kernels have no double backward and
-        no vmap rule; the math kernel computes the same function).
+        and, while ``math_attention`` is True (the default), ``scaled_dot_product_attention`` on its math kernel (the
+        fused kernels have no double backward and no vmap rule; the math kernel computes the same function).
+        Diagnostics that need only gradients set ``math_attention = False`` and keep the fused kernels training
+        uses (O(T) instead of O(T^2) memory per head).
         Inference-mode tensors in the probe batch are cloned into normal ones by :meth:`prepare_batch`.
         """
         module = unwrap(module)
@@ -239,7 +242,8 @@ class Probe:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
             stack.enter_context(preserved_rng(device))
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            if self.math_attention:
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             try:
                 module.eval()
                 if self.bn_mode == "train":

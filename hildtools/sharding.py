@@ -14,13 +14,18 @@ Everything here that gathers parameters is a collective: call it on every rank, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from torch import fx, nn
+import torch
+from torch import Tensor, fx, nn
 
 try:
-    from torch.distributed.fsdp import FlatParameter, FSDPModule, FullyShardedDataParallel
+    from torch.distributed.fsdp import (
+        FlatParameter,
+        FSDPModule,
+        FullyShardedDataParallel,
+    )
     from torch.distributed.tensor import DTensor
 
     FSDP1_TYPES: tuple[type, ...] = (FullyShardedDataParallel,)
@@ -66,6 +71,57 @@ def sharded_parameter_type(parameter: Any) -> str | None:
     else ``None``. FSDP1 with ``use_orig_params=True`` shows plain tensors: not detectable here."""
     kind = next((t for t in SHARDED_PARAMETER_TYPES if isinstance(parameter, t)), None)
     return kind.__name__ if kind is not None else None
+
+
+def model_sharding(model: nn.Module) -> str | None:
+    """``"fsdp"`` when some submodule of ``model`` is an FSDP1 wrapper, ``"fsdp2"`` when one is ``fully_shard``-ed,
+    else ``None``: decided from the model alone, for code that has no trainer (the curvature functions)."""
+    for kind, types in (("fsdp", FSDP1_TYPES), ("fsdp2", FSDP2_TYPES)):
+        if types and any(isinstance(m, types) for m in model.modules()):
+            return kind
+    return None
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` back in its sharded state (a forward without backward leaves the root's
+    parameters gathered, and registered in place of the shards)."""
+    for m in model.modules():
+        if FSDP2_TYPES and isinstance(m, FSDP2_TYPES):
+            m.reshard()
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's part of a parameter or gradient, as a plain tensor sharing its storage (in-place changes reach
+    the parameter): the local shard of a ``DTensor`` (FSDP2); FSDP1's parameters already are their local shards."""
+    with torch.no_grad():
+        tensor = tensor.to_local() if SHARDED_PARAMETER_TYPES and isinstance(tensor, DTensor) else tensor
+    return tensor.detach()
+
+
+def redirected_loss(module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]) -> Callable[[nn.Module, Any], Tensor]:
+    """``loss(root, batch)``: ``loss_fn(module, batch)`` run as the forward of ``root``, the FSDP1 wrapper around
+    ``module``, so that the wrapper gathers its own parameters around it (as Lightning runs ``training_step``)."""
+
+    def restore(saved: Any) -> None:
+        if saved is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = saved
+
+    def loss(root: nn.Module, batch: Any) -> Tensor:
+        saved = module.__dict__.get("forward")  # usually None: forward is the class's method
+
+        def forward(*args: Any, **kwargs: Any) -> Tensor:
+            restore(saved)  # the loss calls the real forward
+            return loss_fn(module, batch)
+
+        module.forward = forward
+        try:
+            return root()
+        finally:
+            restore(saved)
+
+    return loss
 
 
 def clean_name(name: str) -> str:

@@ -207,14 +207,27 @@ class FusedTanh(torch.autograd.Function):
         return TanhGradWithoutDerivative.apply(grad, x)
 
 
-def test_model_without_double_backward_fails_at_fit_start():
-    class Fused(Regression):
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net[2](FusedTanh.apply(self.net[0](x))), y)
+class Fused(Regression):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net[2](FusedTanh.apply(self.net[0](x))), y)
 
-    with pytest.raises(RuntimeError, match="double backward.*twice-differentiable"):
-        fit(Fused(), [HessianEigenMonitor(k=1, every_n_steps=2, probe_size=16)], steps=2)
+
+def test_model_without_double_backward_fails_at_fit_start_with_hvp_autograd():
+    with pytest.raises(RuntimeError, match="double backward.*hvp='finite_difference'"):
+        fit(Fused(), [HessianEigenMonitor(k=1, every_n_steps=2, probe_size=16, hvp="autograd")], steps=2)
+
+
+def test_model_without_double_backward_switches_to_finite_differences():
+    """hvp="auto": one warning at fit start, then the values of the same model without the fused op."""
+    fused, plain = HessianEigenMonitor(k=2, every_n_steps=2, probe_size=16), HessianEigenMonitor(
+        k=2, every_n_steps=2, probe_size=16)
+    with pytest.warns(UserWarning, match="double backward fails.*using finite differences"):
+        fit(Fused(), [fused], steps=2)
+    fit(Regression(), [plain], steps=2)
+    assert (fused.method, plain.method) == ("finite_difference", "autograd")
+    for i in range(2):
+        assert fused.last_metrics[f"hessian/eig_{i}"] == pytest.approx(plain.last_metrics[f"hessian/eig_{i}"], rel=1e-4)
 
 
 @pytest.mark.parametrize("monitor", [HessianEigenMonitor(k=1, every_n_steps=2), InvariantSetMonitor()])

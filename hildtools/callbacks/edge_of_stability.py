@@ -50,6 +50,8 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         param_group: the param group whose settings set the threshold; by default all groups must agree.
         bn_mode: ``"train"`` (default) or ``"eval"``; see :class:`hildtools.probe.Probe`.
         measure_at_start: also measure before the first update (off by default: Adam has no preconditioner yet).
+        hvp: ``"auto"`` (default), ``"autograd"`` or ``"finite_difference"``: how Hessian-vector products are
+            computed, see :class:`hildtools.callbacks._curvature.CurvatureMonitor`.
         **kwargs: ``probe_data``, ``loss_fn``, ``unpack``.
 
     Raises:
@@ -76,6 +78,7 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         param_group: int | None = None,
         bn_mode: str = "train",
         measure_at_start: bool = False,
+        hvp: str = "auto",
         **kwargs: Any,
     ) -> None:
         if check_positive("edge_ratio", edge_ratio) > 2:
@@ -84,8 +87,8 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         check_optional_int("param_group", param_group, 0)
         every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
-            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, tol=tol,
-            max_iter=max_iter, bn_mode=bn_mode, measure_at_start=measure_at_start, **kwargs,
+            every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, bn_mode=bn_mode,
+            measure_at_start=measure_at_start, hvp=hvp, **kwargs,
         )
         self.edge_ratio = float(edge_ratio)
         self.optimizer_index = optimizer_index
@@ -123,9 +126,10 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
             if any("exp_avg_sq" not in optimizer.state.get(p, {}) for p in params):
                 raise SkipMeasurement("Adam has taken no step yet, so its preconditioner is undefined")
             preconditioner = adam_preconditioner(optimizer, params)
+        model, loss = self.model_and_loss(trainer, module)
         result = self.guarded(
-            hessian_eigenpairs, module, self.probe.loss, batch, k=1, tol=self.tol, max_iter=self.max_iter,
-            init=self.vector, preconditioner=preconditioner, seed=self.last_step,
+            hessian_eigenpairs, model, loss, batch, k=1, tol=self.tol, max_iter=self.max_iter,
+            init=self.vector, preconditioner=preconditioner, seed=self.last_step, hvp=self.method or self.hvp,
         )
         self.vector = result.eigenvectors
         sharpness = float(result.eigenvalues[0])

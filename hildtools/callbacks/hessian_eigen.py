@@ -19,11 +19,12 @@ import lightning.pytorch as pl
 from hildtools._checks import check_int
 from hildtools.callbacks._curvature import CurvatureMonitor
 from hildtools.callbacks._monitor import default_schedule
-from hildtools.curvature import HessianOperator, SpectralDensity, subspace_overlap
+from hildtools.curvature import SpectralDensity, subspace_overlap
 from hildtools.curvature.density import lanczos_quadrature
 from hildtools.curvature.lanczos import lanczos
 from hildtools.curvature.trace import operator_trace
 from hildtools.logging import log_figure, new_figure
+from hildtools.sharding import sharding
 
 
 class HessianEigenMonitor(CurvatureMonitor):
@@ -42,6 +43,9 @@ class HessianEigenMonitor(CurvatureMonitor):
         density: also log the spectral density (a picture: W&B image or a PNG file beside the logs).
         bn_mode: ``"train"`` (default: BatchNorm with probe-batch statistics, the loss the optimizer sees) or
             ``"eval"`` (running statistics, PyHessian's convention). The two can differ several-fold.
+        hvp: ``"auto"`` (default), ``"autograd"`` or ``"finite_difference"``: how Hessian-vector products are
+            computed, see :class:`hildtools.callbacks._curvature.CurvatureMonitor`. Under FSDP (finite
+            differences) ``trace`` is not supported.
         **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``measure_at_start``; see
             :class:`hildtools.callbacks._monitor.Monitor`.
 
@@ -68,6 +72,7 @@ class HessianEigenMonitor(CurvatureMonitor):
         trace_samples: int = 30,
         density: bool = False,
         bn_mode: str = "train",
+        hvp: str = "auto",
         **kwargs: Any,
     ) -> None:
         check_int("k", k, 1)
@@ -75,8 +80,8 @@ class HessianEigenMonitor(CurvatureMonitor):
         max_iter = max(60, 10 * k) if max_iter is None else max_iter
         every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
-            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, tol=tol,
-            max_iter=max_iter, min_iter=k, bn_mode=bn_mode, **kwargs,
+            every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, min_iter=k,
+            bn_mode=bn_mode, hvp=hvp, **kwargs,
         )
         self.k = k
         self.trace = trace
@@ -88,26 +93,34 @@ class HessianEigenMonitor(CurvatureMonitor):
     def key_fields(self) -> dict:
         return {"k": self.k}
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.trace and sharding(trainer) is not None:
+            raise RuntimeError(f"HessianEigenMonitor(trace=True) does not support {type(trainer.strategy).__name__} "
+                               "yet (Hutch++ factorises whole vectors); use trace=False under FSDP")
+
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
-        operator = self.guarded(HessianOperator, module, self.probe.loss, batch)  # one graph for every product
+        operator = self.guarded(self.operator, trainer, module, batch)  # one graph for every product
         on = {"device": operator.device, "dtype": operator.dtype}
+        init = self.vectors if self.vectors is not None and self.vectors.shape[0] == operator.size else None
         result = lanczos(operator.matvec, operator.size, self.k, tol=self.tol, max_iter=self.max_iter,
-                         init=self.vectors, seed=self.last_step, **on)
+                         init=init, seed=self.last_step, inner=operator.inner, **on)
         values, vectors = result.eigenvalues, result.eigenvectors
         metrics = {f"eig_{i}": value for i, value in enumerate(values)}
         metrics["num_hvp"] = result.num_hvp
-        if self.vectors is not None and self.vectors.shape == vectors.shape:
-            metrics["overlap_prev"] = subspace_overlap(vectors, self.vectors)
-        if self.init_vectors is None:
+        if init is not None and init.shape == vectors.shape:
+            metrics["overlap_prev"] = subspace_overlap(vectors, init, inner=operator.inner)
+        if self.init_vectors is None or self.init_vectors.shape[0] != operator.size:
             self.init_vectors = vectors
-        metrics["overlap_init"] = subspace_overlap(vectors, self.init_vectors)
+        metrics["overlap_init"] = subspace_overlap(vectors, self.init_vectors, inner=operator.inner)
         self.vectors = vectors
         if self.trace:
             estimate = operator_trace(operator.matvec, operator.size, num_samples=self.trace_samples,
                                       seed=self.last_step, **on)
             metrics["trace"] = estimate.estimate
         if self.density:
-            density = lanczos_quadrature(operator.matvec, operator.size, seed=self.last_step, **on)
+            density = lanczos_quadrature(operator.matvec, operator.size, seed=self.last_step, inner=operator.inner,
+                                         **on)
             self.log_density(trainer, density)
         return metrics
 

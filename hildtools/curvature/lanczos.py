@@ -24,6 +24,18 @@ from hildtools._checks import check_int, check_positive
 from hildtools.curvature._random import gaussian_vector
 
 MatVec = Callable[[Tensor], Tensor]
+Inner = Callable[[Tensor, Tensor], Tensor]
+"""``inner(a, b)``: ``a @ b`` contracted over the vector entries (``a``: a vector or rows of vectors, ``b``: a vector or
+columns of vectors). Default :func:`local_inner`; for vectors sharded across ranks, the all-reduced sum of the
+local products (:func:`hildtools.distributed.sharded_inner`), so the full vector is never gathered."""
+
+
+def local_inner(a: Tensor, b: Tensor) -> Tensor:
+    return a @ b
+
+
+def _norm(vector: Tensor, inner: Inner) -> Tensor:
+    return inner(vector, vector).clamp_min(0).sqrt()
 
 BASIS_CHUNK = 8
 """Basis vectors per storage block (the basis grows by blocks, never copied)."""
@@ -76,8 +88,10 @@ class LanczosProcess:
     them); the current and previous vectors stay on the operator's device.
     """
 
-    def __init__(self, matvec: MatVec, start: Tensor, basis_device: torch.device | str | None = None) -> None:
+    def __init__(self, matvec: MatVec, start: Tensor, basis_device: torch.device | str | None = None,
+                 inner: Inner = local_inner) -> None:
         self.matvec = matvec
+        self.inner = inner
         self.size = start.numel()
         self.device, self.dtype = start.device, start.dtype
         self.basis_device = torch.device(basis_device) if basis_device is not None else self.device
@@ -85,7 +99,7 @@ class LanczosProcess:
         self.length = 0
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples basis vectors j and j+1; the last is the current residual
-        self.current = start / torch.linalg.vector_norm(start)
+        self.current = start / _norm(start, inner)
         self.previous: Tensor | None = None
 
     def _append(self, vector: Tensor) -> None:
@@ -103,7 +117,7 @@ class LanczosProcess:
         vector = vector.to(self.basis_device)
         for _ in range(2):
             for block in self._stored():
-                vector = vector - block.T @ (block @ vector)
+                vector = vector - block.T @ self.inner(block, vector)
         return vector.to(self.device)
 
     def step(self) -> float:
@@ -111,12 +125,12 @@ class LanczosProcess:
         q = self.current
         self._append(q)
         w = self.matvec(q).to(self.device, self.dtype)
-        alpha = torch.dot(w, q).item()
+        alpha = self.inner(w, q).item()
         w = w - alpha * q
         if self.previous is not None:
             w = w - self.betas[-1] * self.previous
         w = self.orthogonalize(w)
-        beta = torch.linalg.vector_norm(w).item()
+        beta = _norm(w, self.inner).item()
         self.alphas.append(alpha)
         self.betas.append(beta)
         self.previous = q
@@ -128,7 +142,7 @@ class LanczosProcess:
         vector = self.orthogonalize(vector.to(self.device, self.dtype))
         self.betas[-1] = 0.0
         self.previous = None
-        self.current = vector / torch.linalg.vector_norm(vector)
+        self.current = vector / _norm(vector, self.inner)
 
     def tridiagonal(self) -> Tensor:
         """``T_m = Q_m^T H Q_m`` in float64 on the CPU."""
@@ -145,22 +159,22 @@ class LanczosProcess:
             vectors += block.T @ coefficients[start:start + block.shape[0]]
             start += block.shape[0]
         vectors = vectors.to(self.device)
-        return vectors / torch.linalg.vector_norm(vectors, dim=0, keepdim=True)
+        return vectors / self.inner(vectors.T, vectors).diagonal().clamp_min(0).sqrt()
 
 
 def start_vector(size: int, init: Tensor | None, generator: torch.Generator, device: torch.device,
-                 dtype: torch.dtype) -> Tensor:
+                 dtype: torch.dtype, inner: Inner = local_inner) -> Tensor:
     """Random, or a warm start: the sum of the ``init`` columns (previous eigenvectors) plus random noise."""
     noise = gaussian_vector(size, generator, device, dtype)
-    noise = noise / torch.linalg.vector_norm(noise)
+    noise = noise / _norm(noise, inner)
     if init is None:
         return noise
     if init.numel() % size:
         raise ValueError(f"init must have shape ({size},) or ({size}, j), got {tuple(init.shape)}")
     block = init.detach().reshape(size, -1).to(device, dtype)
-    block = block / torch.linalg.vector_norm(block, dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    block = block / inner(block.T, block).diagonal().clamp_min(0).sqrt().clamp_min(torch.finfo(dtype).tiny)
     warm = block.sum(1)
-    norm = torch.linalg.vector_norm(warm)
+    norm = _norm(warm, inner)
     return noise if not norm > 0 else warm / norm + WARM_START_NOISE * noise
 
 
@@ -177,6 +191,7 @@ def lanczos(
     seed: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    inner: Inner = local_inner,
 ) -> Eigenpairs:
     """The k largest (algebraic) eigenpairs of the symmetric operator ``matvec`` on vectors of ``size`` entries.
 
@@ -201,6 +216,8 @@ def lanczos(
         seed: seed of the private generator for the start vector.
         device: device of the vectors passed to ``matvec``.
         dtype: dtype of the vectors (eigenvalues come from a float64 tridiagonal).
+        inner: the inner product (see :data:`Inner`); with sharded vectors ``size`` is this rank's number of
+            entries, every rank must call, and all take the same decisions (every scalar is all-reduced).
 
     Returns:
         :class:`Eigenpairs`.
@@ -209,13 +226,15 @@ def lanczos(
         ValueError: ``k``, ``tol``, ``max_iter`` or ``init`` out of range.
     """
     check_int("k", k, 1)
-    check_int("size", size, k)
+    device = torch.device(device)
+    ones = torch.ones(size, device=device, dtype=torch.float64)
+    dimension = size if inner is local_inner else round(inner(ones, ones).item())
+    check_int("size", dimension, k)
     tol = check_positive("tol", tol)
     max_iter = check_int("max_iter", max(100, 20 * k) if max_iter is None else max_iter, k)
-    max_iter = min(max_iter, size)
-    device = torch.device(device)
+    max_iter = min(max_iter, dimension)
     generator = torch.Generator().manual_seed(seed)
-    process = LanczosProcess(matvec, start_vector(size, init, generator, device, dtype), basis_device)
+    process = LanczosProcess(matvec, start_vector(size, init, generator, device, dtype, inner), basis_device, inner)
     floor = ROUNDING_FLOOR * torch.finfo(dtype).eps
     confirm_at, reference = None, None
     while True:
