@@ -24,6 +24,7 @@ import argparse
 import glob
 import os
 import statistics
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -38,7 +39,7 @@ def stdlib_bytes(num_sequences: int, length: int) -> torch.Tensor:
     """(num_sequences, length) int64 bytes of the standard library's ``json`` and ``email`` packages, in order."""
     root = os.path.dirname(os.__file__)
     files = sorted(glob.glob(os.path.join(root, "json", "*.py")) + glob.glob(os.path.join(root, "email", "*.py")))
-    text = b"".join(open(path, "rb").read() for path in files)
+    text = b"".join(Path(path).read_bytes() for path in files)
     if len(text) < num_sequences * length:
         raise ValueError(f"num_sequences * length = {num_sequences * length} exceeds the {len(text)} bytes of text")
     return torch.tensor(list(text[: num_sequences * length]), dtype=torch.int64).view(num_sequences, length)

@@ -9,7 +9,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-from transformer_eos import verdict  # noqa: E402
+from transformer_eos import verdict
 
 
 def test_tiny_run_passes_every_criterion_and_saves_a_figure(tmp_path):
