@@ -51,6 +51,8 @@ FAILING_HERE = {
     **{(name, "ntk"): NTK_BRANCH for name in ("gpt2", "bert", "llama")},
     **{(name, "nc"): TOKEN_NC for name in LANGUAGE_MODELS},
     **{(name, "invariant"): TRANSFORMER_MLP for name in ("gpt2", "bert", "llama", "vit")},
+    ("gpt2", "all"): f"{NTK_BRANCH}; {TOKEN_NC}; {TRANSFORMER_MLP}",  # all six monitors at once
+    ("bert", "all"): f"{NTK_BRANCH}; {TRANSFORMER_MLP}",
 }
 
 
@@ -109,12 +111,6 @@ def test_the_zoo_architectures_are_what_they_claim():
     assert (bert_batch["attention_mask"] == 0).any()
 
 
-SIDE_EFFECT_FAILING = {
-    ("gpt2", "all"): f"{NTK_BRANCH}; {TOKEN_NC}; {TRANSFORMER_MLP}",
-    ("bert", "all"): f"{NTK_BRANCH}; {TRANSFORMER_MLP}",
-}
-
-
 @pytest.fixture(scope="module")
 def plain_weights():
     """Weights after training without monitors, once per model."""
@@ -122,13 +118,7 @@ def plain_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("name", "kind"),
-    [pytest.param(name, kind, marks=pytest.mark.xfail(strict=True, reason=FAILING_HERE.get((name, kind))
-                                                        or SIDE_EFFECT_FAILING[name, kind]))
-     if (name, kind) in FAILING_HERE or (name, kind) in SIDE_EFFECT_FAILING else (name, kind)
-     for name in ("gpt2", "bert") for kind in (*MONITORS, "all")],
-)  # fmt: skip
+@pytest.mark.parametrize(("name", "kind"), cases(("gpt2", "bert"), (*MONITORS, "all")))
 def test_monitors_leave_transformer_training_bitwise_identical(plain_weights, name, kind):
     """12 steps of SGD with momentum and dropout on; every monitor measures (at the start and every 4 steps) and the
     weights are bitwise those of the run without monitors."""
