@@ -4,7 +4,13 @@ Measured every ``every_n_steps`` optimizer steps (or ``every_n_epochs`` epochs) 
 start (under DDP, rank 0's probe set is broadcast so every rank measures the same kernel): the model runs in probe
 mode (eval mode, dropout off, BatchNorm per ``bn_mode``; nothing of training touched) and
 :func:`hildtools.metrics.empirical_ntk` computes the kernel K_t of the module's forward on the probe inputs (its
-output, or its ``logits``), its chunks split over the ranks. The first kernel (at step 0 by default) is kept as
+output, or its ``logits``), its chunks split over the ranks. Default convention ``output="auto"``: the exact sum
+over outputs up to 16 per example, else the seeded projection (language models: positions x vocabulary).
+``method="sketch"`` estimates the kernel from forward passes only (:mod:`hildtools.metrics.ntk_sketch`); it is the
+one that runs under FSDP (FSDP1 and FSDP2): every rank perturbs its own parameter shards in place, runs the model's
+own forward (which gathers them) on rank 0's probe set and restores the shards bitwise, so every rank gets the same
+kernel and the full parameter vector is never formed; the target-alignment numerators then come from the sketch
+too (elsewhere they are exact, from backward passes). The first kernel (at step 0 by default) is kept as
 K_0 in the callback state, so a resumed run continues the same curves. Logged under ``ntk/``:
 
 - ``target_alignment``: ``<K_t, Y Y^T>_F / (||K_t||_F ||Y Y^T||_F)`` with the probe targets (labels one-hot),
