@@ -13,6 +13,10 @@ and concatenated) give, by ``output`` convention:
 - ``"full"``: the (nC) x (nC) kernel ``K[i*C + a, j*C + b] = <J_ia, J_jb>`` (``K.view(n, C, n, C)``);
 - ``"auto"`` (the monitor's default): ``"sum"`` when ``C <= AUTO_MAX_OUTPUTS`` (16), else ``"projection"``. The
   exact sum costs C Jacobian rows per example (C backward passes, and C times the Gram product), the projection one.
+  As an estimate of the ``"sum"`` kernel the projection has ``Var_v(K_ij) = ||G_ij||_F^2 + <G_ij, G_ij^T>_F`` with
+  ``G_ij = J_i J_j^T`` (C x C): on the diagonal a relative error ``sqrt(2) ||G_ii||_F / tr(G_ii)``, small when the
+  outputs' Jacobians spread over many directions (many positions of a sequence), large for a few dominant outputs.
+  ``v`` is fixed by ``seed``, so the kernels of one run are comparable with each other.
 
 With one output per example (``C = 1``) all agree. A linear model ``f(x) = W x + b`` has
 ``K = C (X X^T + 1)`` under ``"sum"`` (``X X^T + 1`` under ``"mean"``; ``X X^T`` without bias).

@@ -11,7 +11,9 @@ so it runs wherever the forward runs (sharded parameters, fused kernels, ops wit
 ``h = eps^(1/3) * rms(theta)`` (``eps`` of the parameters' dtype; ``rms(theta) = 1`` if theta is zero): each
 coordinate moves by about ``eps^(1/3)`` of the parameters' scale, which balances the truncation error ``O(h^2)`` and
 the rounding error ``O(eps / h)`` of central differences (relative error about ``eps^(2/3)``: 5e-11 in fp64, 2e-5
-in fp32 on smooth models; kinks such as ReLU add an error where a perturbation crosses one).
+in fp32 on smooth models; kinks such as ReLU add an error where a perturbation crosses one). :func:`empirical_ntk`
+evaluates bf16/fp16 models on fp32 copies; the in-place variant for sharded models perturbs the shards in their
+own dtype, so bf16 shards give about ``eps^(2/3)`` = 4e-2 relative error: keep fp32 master weights for it.
 
 Variance. With ``G_ij = J_i J_j^T`` the (C' x C') block of the output Gram of examples i and j (``K_ij = tr G_ij``
 for ``"sum"``), ``Var(K~_ij) = (<G_ii, G_jj>_F + ||G_ij||_F^2) / k``; for one output per example (``"index"``,
