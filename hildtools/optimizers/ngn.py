@@ -44,11 +44,12 @@ class NGN(Optimizer):
     and the weight decay may differ per group. The weight decay is decoupled and scaled by the step
     actually taken (gamma, not sigma), so it shrinks with the step and never exceeds ``sigma * wd``.
 
-    NGN-M (``momentum > 0``) is heavy ball with the NGN step inside the buffer, as in Algorithm 1 of
-    Islamov, Ajroldi, Orvieto & Lucchi (arXiv:2508.15071):
-    ``x_{k+1} = x_k - (1 - b) gamma_k g_k + b (x_k - x_{k-1})``, gamma_k from the current gradient.
-    (Transcribed from the paper's algorithm box as quoted in our research notes; the PDF itself was
-    not available to us.)
+    NGN-M (``momentum > 0``) is Algorithm 1 of Islamov, Ajroldi, Orvieto & Lucchi (arXiv:2508.15071),
+    heavy ball with the NGN step inside: ``x_{k+1} = x_k - (1 - b) gamma_k g_k + b (x_k - x_{k-1})``,
+    ``x_1 = x_0``, gamma_k from the loss and gradient at ``x_k`` (tested against the algorithm written
+    out). The paper's algorithm has no weight decay; here the decay ``x <- x - gamma_k wd x`` is applied
+    outside the buffer (decoupled, as in AdamW), so the momentum carries only the gradient steps.
+    A complex parameter is optimised as the pair of its real and imaginary parts.
 
     The loss is mandatory: ``step(closure)`` or ``step(loss=loss)``. Under ``torch.distributed`` the
     loss is averaged over ranks first, so every rank computes the same gamma (the gradients are

@@ -60,7 +60,10 @@ class SAM(Optimizer):
     optimization expect), perturbs, zeroes the gradients, calls the closure again, restores ``w``
     by copy (exact in bf16, unlike subtraction), and steps the base optimizer. It returns the first
     (clean) loss. ``param_groups`` and ``state`` are the base optimizer's, so checkpoints keep its
-    momentum and LR schedulers act on it.
+    momentum and LR schedulers act on it. Step hooks (global ones and SAM's own) fire once per
+    ``step``: the base's step then runs without torch's hook wrapper, so hooks registered on
+    ``sam.base_optimizer`` fire only in manual loops (:meth:`second_step`). A complex parameter is
+    perturbed as the pair of its real and imaginary parts (``||g||`` sums ``|g|^2``).
 
     ``model`` (optional, also settable as ``sam.model``) makes ``step`` correct for models with
     state in the forward pass: BatchNorm (any ``_NormBase``) running statistics are restored after
