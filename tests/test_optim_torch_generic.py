@@ -135,6 +135,13 @@ def linear_problem(device="cpu", dtype=DTYPE, contiguous=True):
     return weight, bias, torch.randn(5, dtype=dtype)
 
 
+def fwd_bwd(optim, w, b, i):
+    optim.zero_grad()
+    loss = (w.mv(i) + b).pow(2).sum()
+    loss.backward()
+    return loss
+
+
 def assert_equal(actual, expected, **tolerances):
     torch.testing.assert_close(actual, expected, equal_nan=True, **tolerances)
 
@@ -164,12 +171,7 @@ def test_forloop_goes_right_direction(info, contiguous, with_lrsched):
             weight, bias, inpt = linear_problem(contiguous=contiguous)
             optimizer = info.optim_cls([weight, bias], **kwargs)
             schedulers = [s(optimizer) for s in schedulers_constructor or []]
-
-            def closure():
-                optimizer.zero_grad()
-                loss = (weight.mv(inpt) + bias).pow(2).sum()
-                loss.backward()
-                return loss
+            closure = functools.partial(fwd_bwd, optimizer, weight, bias, inpt)
 
             initial_value = closure().item()
             for _ in range(20):
@@ -192,12 +194,7 @@ def test_param_group_with_lrscheduler_goes_right_direction(info):
         weight, bias, inpt = linear_problem()
         optimizer = info.optim_cls([{"params": [weight]}, {"params": [bias], "lr": 0.01}], **extra)
         schedulers = [scheduler_c(optimizer) for scheduler_c in schedulers_c]
-
-        def closure():
-            optimizer.zero_grad()
-            loss = (weight.mv(inpt) + bias).pow(2).sum()
-            loss.backward()
-            return loss
+        closure = functools.partial(fwd_bwd, optimizer, weight, bias, inpt)
 
         initial_value = closure().item()
         for _ in range(20):
@@ -273,14 +270,8 @@ def test_complex(info):
             return grads_losses.pop(0)
 
         for _ in range(3):
-            if info.step_requires_closure:
-                real_optimizer.step(real_closure)
-                complex_optimizer.step(complex_closure)
-            else:
-                real_closure()
-                complex_closure()
-                real_optimizer.step()
-                complex_optimizer.step()
+            take_step(info, real_optimizer, real_closure)
+            take_step(info, complex_optimizer, complex_closure)
         as_real = [torch.view_as_real(p) if p.is_complex() else p for p in complex_params]
         assert_equal(as_real, real_params)
         assert_equal(complex_steps, real_steps)
@@ -330,14 +321,8 @@ def test_complex_2d(info):
             return loss
 
         for _ in range(3):
-            if info.step_requires_closure:
-                optim1.step(closure1)
-                optim2.step(closure2)
-            else:
-                closure1()
-                closure2()
-                optim1.step()
-                optim2.step()
+            take_step(info, optim1, closure1)
+            take_step(info, optim2, closure2)
             assert_equal(a1.real, a1_real, rtol=4.5e-5, atol=5e-5)
             assert_equal(a1.imag, a1_imag, rtol=4.5e-5, atol=5e-5)
         assert not tracked
@@ -444,12 +429,7 @@ def test_param_groups_weight_decay(info):
         weight, bias, inpt = linear_problem()
         optimizer = info.optim_cls([dict(params=[weight], **weight_kwargs), dict(params=[bias], **bias_kwargs)],
                                    **_required(info))  # fmt: skip
-
-        def closure():
-            optimizer.zero_grad()
-            loss = (weight.mv(inpt) + bias).pow(2).sum()
-            loss.backward()
-            return loss
+        closure = functools.partial(fwd_bwd, optimizer, weight, bias, inpt)
 
         initial_value = closure().item()
         for _ in range(20):
@@ -527,13 +507,6 @@ def test_optimizer_can_be_printed(info):
     params = [Parameter(torch.randn(2, 3)) for _ in range(2)]
     for optim_input in all_inputs(info):
         assert info.optim_cls.__name__ in repr(info.optim_cls(params, **optim_input.kwargs))
-
-
-def fwd_bwd(optim, w, b, i):
-    optim.zero_grad()
-    loss = (w.mv(i) + b).pow(2).sum()
-    loss.backward()
-    return loss
 
 
 @pytest.mark.parametrize("named", [False, True])
