@@ -81,10 +81,12 @@ def test_matches_pytorch_optimizer_sign_sgd(momentum):
 
 
 @pytest.mark.slow
-def test_compiled_path_matches_foreach():
+@pytest.mark.parametrize("momentum", [0.0, 0.9])  # 0: signSGD, the stateless form of the core
+def test_compiled_path_matches_foreach(momentum):
     ours, ref = mlp(torch.float32), mlp(torch.float32)
-    run(ours, Signum(ours.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1, compiled=True), 10, torch.float32)
-    run(ref, Signum(ref.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1, foreach=True), 10, torch.float32)
+    kwargs = {"lr": 1e-2, "momentum": momentum, "weight_decay": 0.1}
+    run(ours, Signum(ours.parameters(), **kwargs, compiled=True), 10, torch.float32)
+    run(ref, Signum(ref.parameters(), **kwargs, foreach=True), 10, torch.float32)
     assert_same_params(ours, ref, atol=1e-6)
 
 

@@ -186,7 +186,10 @@ def _single_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_dec
         update = grad.sign() if exp_avgs is None else exp_avgs[i].lerp(grad, 1 - beta1).sign_()
         if weight_decay != 0:
             param.mul_(1 - step_lr * weight_decay)
-        param.sub_(update.mul_(step_lr))
+        if isinstance(step_lr, Tensor):  # sign times lr is exact, so both forms give the same bits
+            param.sub_(update.mul_(step_lr))
+        else:
+            param.add_(update, alpha=-step_lr)
         if exp_avgs is not None:
             exp_avgs[i].lerp_(grad, 1 - beta2)
 
@@ -204,8 +207,11 @@ def _multi_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_deca
             torch._foreach_sign_(updates)
         if weight_decay != 0:
             torch._foreach_mul_(device_params, 1 - step_lr * weight_decay)
-        torch._foreach_mul_(updates, step_lr)
-        torch._foreach_sub_(device_params, updates)
+        if isinstance(step_lr, Tensor):
+            torch._foreach_mul_(updates, step_lr)
+            torch._foreach_sub_(device_params, updates)
+        else:
+            torch._foreach_add_(device_params, updates, alpha=-step_lr)
         if exp_avgs is not None:
             torch._foreach_lerp_(device_exp_avgs[0], device_grads, 1 - beta2)
 
