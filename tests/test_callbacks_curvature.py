@@ -163,7 +163,7 @@ def test_unknown_optimizer_logs_sharpness_only_after_one_warning():
     monitor = EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)
     with pytest.warns(UserWarning, match="no known stability threshold for Rprop"):
         fit(Rprop(), [monitor], steps=2)
-    assert set(monitor.last_metrics) == {"eos/sharpness", "eos/num_hvp"}
+    assert set(monitor.last_metrics) == {"eos/sharpness", "eos/num_hvp", "eos/seconds"}
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
