@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hildtools.sharding import modules_by_name
+from hildtools.unwrapping import modules_by_name
 
 _CAPTURES = ("input", "output")
 _POOLS = ("avg", "flatten")
@@ -53,7 +53,7 @@ class FeatureCapture:
     Args:
         model: the module to hook.
         layers: a module name (as in ``named_modules()``, FSDP1 wrapper components removed: see
-            :func:`hildtools.sharding.clean_name`), a sequence of names, or ``None`` for the last ``nn.Linear``
+            :func:`hildtools.unwrapping.clean_name`), a sequence of names, or ``None`` for the last ``nn.Linear``
             (see :func:`default_layer`).
         capture: ``"input"`` (first positional argument; default: the classifier's input, i.e.
             the penultimate features) or ``"output"``.

@@ -14,7 +14,7 @@ channel). With ``w_i`` these vectors:
   the components among non-vanishing neurons and ``independent_fraction = num_independent / n``.
 
 The consumer is found by tracing the model with ``torch.fx`` (FSDP wrappers seen through:
-:class:`hildtools.sharding.UnwrappingTracer`) through elementwise activations, dropout,
+:class:`hildtools.unwrapping.UnwrappingTracer`) through elementwise activations, dropout,
 pooling (after convolutions), BatchNorm and flatten. Layers whose output is used elsewhere (residual adds, concatenations,
 several consumers), the network output, shared modules and untraceable models are skipped, with the
 reason. Distances come from fp64 Gram blocks of ``chunk_size`` x ``chunk_size`` neurons (no TF32, memory
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from hildtools._checks import check_int, check_positive
-from hildtools.sharding import UnwrappingTracer, clean_name
+from hildtools.unwrapping import UnwrappingTracer, clean_name
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
