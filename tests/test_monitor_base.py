@@ -112,3 +112,11 @@ def test_seconds_are_not_logged_for_a_skipped_measurement():
     with pytest.warns(UserWarning, match="skipped"):
         logger = fit([monitor])
     assert monitor.last_metrics == {} and not any("eos/seconds" in row for row in logger.rows)
+
+
+def test_seconds_are_not_logged_alone_when_every_value_is_non_finite():
+    monitor = InvariantSetMonitor(every_n_steps=2, measure_at_start=False)
+    monitor.collect = lambda trainer, pl_module: {"a": float("nan")}
+    with pytest.warns(UserWarning, match="non-finite"):
+        logger = fit([monitor])
+    assert monitor.last_metrics == {} and not any("collapse/seconds" in row for row in logger.rows)

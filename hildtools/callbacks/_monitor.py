@@ -134,12 +134,12 @@ class ScheduledMonitor(Callback):
             return {}
         values = {f"{self.namespace}/{name}": to_float(value) for name, value in metrics.items()}  # waits for them
         seconds = self.elapsed(pl_module, start)
-        if values:  # nothing measured (e.g. no analysable layer): nothing logged
-            values[f"{self.namespace}/seconds"] = seconds
         bad = sorted(key for key, value in values.items() if not math.isfinite(value))
         if bad:  # e.g. nc1 = inf while all class means coincide: the other values are still good
             rank_zero_warn(f"{type(self).__name__}: at step {trainer.global_step} not logged (non-finite): {bad}")
             values = {key: value for key, value in values.items() if key not in bad}
+        if values:  # nothing measured (e.g. no analysable layer): nothing logged, not even the time
+            values[f"{self.namespace}/seconds"] = seconds
         self.last_metrics = log_metrics(trainer, values)
         return self.last_metrics
 
