@@ -163,7 +163,7 @@ def test_unknown_optimizer_logs_sharpness_only_after_one_warning():
     monitor = EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)
     with pytest.warns(UserWarning, match="no known stability threshold for Rprop"):
         fit(Rprop(), [monitor], steps=2)
-    assert set(monitor.last_metrics) == {"eos/sharpness", "eos/num_hvp"}
+    assert set(monitor.last_metrics) == {"eos/sharpness", "eos/num_hvp", "eos/seconds"}
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
@@ -312,3 +312,17 @@ def test_eos_with_sam_compares_against_the_base_threshold():
     monitor = EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)
     fit(WithSAM(), [monitor], steps=2)
     assert monitor.last_metrics["eos/threshold"] == pytest.approx(3.8 / 0.1)
+
+
+def test_eos_param_groups_that_diverge_during_training_drop_the_threshold_with_a_warning():
+    class Diverging(Regression):
+        def configure_optimizers(self):
+            groups = [{"params": self.net[0].parameters()}, {"params": self.net[-1].parameters()}]
+            optimizer = torch.optim.SGD(groups, lr=self.lr)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda t: 1.0, lambda t: 0.5**t])
+            return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+    monitor = EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)
+    with pytest.warns(UserWarning, match="no threshold at step 2.*param_group"):
+        trainer = fit(Diverging(), [monitor], steps=2)
+    assert trainer.global_step == 2 and set(monitor.last_metrics) == {"eos/sharpness", "eos/num_hvp", "eos/seconds"}

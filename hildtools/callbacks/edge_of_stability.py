@@ -27,7 +27,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from hildtools._checks import check_int, check_optional_int, check_positive
 from hildtools.callbacks._curvature import CurvatureMonitor
 from hildtools.callbacks._monitor import SkipMeasurement, default_schedule
-from hildtools.curvature import adam_preconditioner, hessian_eigenpairs, stability_threshold
+from hildtools.curvature import (
+    adam_preconditioner,
+    hessian_eigenpairs,
+    stability_threshold,
+)
 from hildtools.curvature.thresholds import UnknownThresholdError, unwrap_optimizer
 
 ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
@@ -134,7 +138,11 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         self.vector = result.eigenvectors
         sharpness = float(result.eigenvalues[0])
         metrics = {"sharpness": sharpness, "num_hvp": result.num_hvp}
-        threshold = self.threshold(optimizer)
+        try:
+            threshold = self.threshold(optimizer)
+        except ValueError as error:  # groups that agreed at fit start diverged (e.g. per-group LR schedules)
+            rank_zero_warn(f"EdgeOfStabilityMonitor: no threshold at step {trainer.global_step}: {error}")
+            threshold = None
         if threshold is not None and math.isfinite(threshold):  # infinite at lr = 0 or NGN's gamma = 0
             ratio = sharpness / threshold
             metrics.update(threshold=threshold, ratio=ratio, at_edge=float(ratio >= self.edge_ratio))

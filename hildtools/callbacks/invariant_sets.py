@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from hildtools.callbacks._features import check_figures, wants_figures
-from hildtools.callbacks._monitor import Monitor
+from hildtools.callbacks._monitor import ScheduledMonitor, default_schedule
+from hildtools.distributed import unwrap
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.invariant_sets import (
     LayerInvariantSets,
@@ -31,7 +31,7 @@ from hildtools.metrics.invariant_sets import (
 from hildtools.sharding import full_parameters
 
 
-class InvariantSetMonitor(Monitor):
+class InvariantSetMonitor(ScheduledMonitor):
     """Track vanishing and identical neurons (Chen, Kunin, Yamamura & Ganguli 2023) per layer.
 
     Args:
@@ -70,12 +70,8 @@ class InvariantSetMonitor(Monitor):
     ) -> None:
         check_invariant_set_args(vanish_threshold, identical_threshold, chunk_size)
         check_figures(figures)
-        if every_n_steps is None and every_n_epochs is None:
-            every_n_epochs = 1
-        super().__init__(
-            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, measure_at_start=measure_at_start,
-            probe_data=torch.zeros(0),  # weights only: no probe data is drawn
-        )  # fmt: skip
+        every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, epochs=1)
+        super().__init__(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, measure_at_start=measure_at_start)
         self.layers = [layers] if isinstance(layers, str) else layers
         self.vanish_threshold, self.identical_threshold = vanish_threshold, identical_threshold
         self.chunk_size = chunk_size
@@ -85,7 +81,8 @@ class InvariantSetMonitor(Monitor):
     def key_fields(self) -> dict:
         return {"layers": self.layers}
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
+    def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        module = unwrap(pl_module)  # weights only: no probe data, nothing of training touched
         with full_parameters(trainer, module):
             report = invariant_sets(module, self.vanish_threshold, self.identical_threshold, self.chunk_size)
         if self.layers is not None:

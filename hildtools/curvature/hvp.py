@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hildtools._checks import check_choice
+from hildtools.batches import map_tensors
 from hildtools.curvature._random import gaussian_vector
 from hildtools.curvature.finite_difference import (
     InPlaceGradient,
@@ -36,7 +37,6 @@ from hildtools.curvature.finite_difference import (
     finite_difference_step,
 )
 from hildtools.curvature.lanczos import local_inner
-from hildtools.batches import map_tensors
 from hildtools.distributed import all_finite, all_reduce_mean, sharded_inner, unwrap
 from hildtools.sharding import local_tensor, model_sharding, reshard
 

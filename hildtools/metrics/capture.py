@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from typing_extensions import Self  # a torch dependency; typing.Self needs Python 3.11
 
 from hildtools._checks import check_choice, check_optional_int
-from hildtools.sharding import modules_by_name
+from hildtools.unwrapping import modules_by_name
 
 CAPTURES = ("input", "output")
 POOLS = ("avg", "flatten", "none")
@@ -60,7 +60,7 @@ class FeatureCapture:
     Args:
         model: the module to hook.
         layers: a module name (as in ``named_modules()``, FSDP1 wrapper components removed: see
-            :func:`hildtools.sharding.clean_name`), a sequence of names, or ``None`` for the last ``nn.Linear``
+            :func:`hildtools.unwrapping.clean_name`), a sequence of names, or ``None`` for the last ``nn.Linear``
             (see :func:`default_layer`).
         capture: ``"input"`` (first positional argument; default: the classifier's input, i.e.
             the penultimate features) or ``"output"``.

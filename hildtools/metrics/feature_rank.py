@@ -27,7 +27,12 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from hildtools._checks import check_choice, check_fraction, check_matrix, check_optional_int
+from hildtools._checks import (
+    check_choice,
+    check_fraction,
+    check_matrix,
+    check_optional_int,
+)
 
 _CENTERINGS = ("row", "column", None)
 _CHUNK = 1024

@@ -18,7 +18,7 @@ as a Linear layer, and Hugging Face activation modules (``GELUActivation``, ``Ne
 elementwise activations. In a gated MLP ``down(act(gate(x)) * up(x))`` (Llama, Mistral, T5 v1.1) a neuron is the
 triple (gate row and bias, up row and bias, down column); it is reported under the gate's name.
 
-The consumer is found with ``torch.fx`` (FSDP wrappers seen through: :class:`hildtools.sharding.UnwrappingTracer`;
+The consumer is found with ``torch.fx`` (FSDP wrappers seen through: :class:`hildtools.unwrapping.UnwrappingTracer`;
 Linear, Conv1D and activation modules are leaves) through elementwise activations, dropout, pooling (after
 convolutions), BatchNorm and flatten. The whole model is traced if it can be; otherwise (e.g. a Hugging Face model,
 whose attention masks and caches defeat tracing) each child module is tried, recursively, so every traceable block
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from hildtools._checks import check_int, check_positive
-from hildtools.sharding import UnwrappingTracer, clean_name
+from hildtools.unwrapping import UnwrappingTracer, clean_name
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -457,7 +457,8 @@ class NeuralCollapse(Metric):
         Call it on every rank between two passes over the same data; the next pass adds ``nc1`` and
         ``nc4`` to ``compute``.
         """
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
+        sync = self.sync_on_compute  # public: as compute() syncs
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=sync, should_unsync=True):
             means, present = _class_means(self._stats(), self._reference())
         self.reset()
         for name, value in _make_reference(means, present)._asdict().items():
