@@ -8,10 +8,11 @@ class never produces a NaN.
   centred means ``M = [mu_c - mu_G]`` (D x C').
 - ``Sigma_W = 1/N sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T`` (population, N = all samples);
   ``Sigma_B = M M^T / C'``.
-- ``nc1 = Tr(Sigma_W Sigma_B^+) / C'`` (Papyan's definition; his code omits ``/C``). ``Sigma_B`` has
-  rank <= C'-1, so ``nc1 = sum_k v_k^T (M^T Sigma_W M) v_k / lambda_k^2`` over the eigenpairs
-  ``(lambda_k, v_k)`` of the C' x C' Gram ``M^T M`` with ``lambda_k > rtol * lambda_max``: exact,
-  with no D x D pseudo-inverse. If all class means coincide, ``nc1 = inf``.
+- ``nc1 = Tr(Sigma_W Sigma_B^+) / C'`` (Papyan's definition; his code omits ``/C``). With
+  ``M M^T = sum_k lambda_k u_k u_k^T`` (from the smaller of the Grams ``M M^T``, ``M^T M``),
+  ``nc1 = sum_k u_k^T Sigma_W u_k / lambda_k`` over ``lambda_k > rtol * lambda_max``: exact, with no D x D
+  pseudo-inverse and only the diagonal of ``U^T Sigma_W U`` accumulated. If all class means coincide,
+  ``nc1 = inf``.
 - ``nc2_equinorm`` = std_c ||mu_c - mu_G|| / mean_c ||mu_c - mu_G||; ``nc2_equinorm_weights`` the
   same for the classifier rows ``w_c``.
 - ``nc2_equiangular`` = std over pairs c < c' of cos(mu_c - mu_G, mu_c' - mu_G); ``nc2_max_angle``
@@ -27,6 +28,11 @@ class never produces a NaN.
 ``nc1`` and ``nc4`` need the class means before they can look at the samples, so they come from a
 second pass over the same data (see :class:`NeuralCollapse`); :func:`neural_collapse` makes both
 passes over an in-memory tensor.
+
+Samples are rows: features (N, D) with labels (N,), or per-token features (N, T, D) with labels (N, T)
+(every position a sample; Wu & Papyan 2024). ``ignore_index`` leaves rows out (e.g. -100, padding);
+:func:`shift_labels` gives a causal language model's next-token classes. Memory O(C x D): see
+:class:`NeuralCollapse`.
 """
 
 from __future__ import annotations
@@ -56,20 +62,22 @@ class _Reference(NamedTuple):
 
 
 def _make_reference(means: Tensor, present: Tensor) -> _Reference:
-    """Reference of the class means: the eigenpairs of M M^T come from the smaller of the D x D and C x C Grams."""
+    """Reference of the class means: the eigenpairs of M M^T from the smaller of the D x D and C' x C' Grams of the
+    present classes' centred means (cost O(D C' min(D, C'))), padded with zeros to k = min(C, D) columns."""
     means = torch.where(present[:, None], means, 0.0)
-    centre = means[present].mean(0) if bool(present.any()) else means.new_zeros(means.shape[1])
-    centred = torch.where(present[:, None], means - centre, 0.0).T  # M: (D, C), zero columns for absent classes
-    num_features, num_classes = centred.shape
-    if num_features <= num_classes:
+    num_classes, num_features = means.shape
+    centred = (means[present] - means[present].mean(0)).T  # M: (D, C')
+    if num_features <= centred.shape[1]:
         eigenvalues, basis = torch.linalg.eigh(centred @ centred.T)
-        eigenvalues = eigenvalues.clamp_min(0)
     else:  # M = U S V^T: from M^T M = V S^2 V^T, u_j = M v_j / s_j
         eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred)
-        eigenvalues = eigenvalues.clamp_min(0)
         scale = torch.where(eigenvalues > 0, eigenvalues.clamp_min(_TINY).rsqrt(), 0.0)
         basis = centred @ vectors * scale
-    return _Reference(means, present, basis, eigenvalues, centred.norm(dim=0).max())
+    k = min(num_classes, num_features)
+    padded_basis, padded_values = means.new_zeros(num_features, k), means.new_zeros(k)
+    padded_basis[:, : basis.shape[1]], padded_values[: len(eigenvalues)] = basis, eigenvalues.clamp_min(0)
+    spread = centred.norm(dim=0).max() if centred.numel() else means.new_zeros(())
+    return _Reference(means, present, padded_basis, padded_values, spread)
 
 
 def _check_inputs(
@@ -77,10 +85,12 @@ def _check_inputs(
     ignore_index: int | None,
 ) -> None:  # fmt: skip
     if not isinstance(features, Tensor) or features.dim() < 2:
-        raise ValueError(f"`features` must be a (N, D) or (N, T, D) tensor, got {getattr(features, 'shape', type(features))}")
+        shape = getattr(features, "shape", type(features))
+        raise ValueError(f"`features` must be a (N, D) or (N, T, D) tensor, got {shape}")
     rows = tuple(features.shape[:-1])
     if not isinstance(labels, Tensor) or tuple(labels.shape) != rows:
-        raise ValueError(f"`labels` must be a {rows} tensor (features.shape[:-1]), got {getattr(labels, 'shape', labels)}")
+        shape = getattr(labels, "shape", labels)
+        raise ValueError(f"`labels` must be a {rows} tensor (features.shape[:-1]), got {shape}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"`labels` must be an integer tensor, got {labels.dtype}")
     if predictions is not None and (
@@ -110,13 +120,11 @@ def shift_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
 
 
 def _nearest_class(h: Tensor, reference: _Reference) -> Tensor:
-    """Index of the nearest present reference class mean of each row, in row blocks (memory O(block x C))."""
-    means, absent = reference.means, ~reference.present
-    block = max(1, BLOCK_ELEMENTS // means.shape[0])
-    nearest = [
-        (means.square().sum(1) - 2 * rows @ means.T).masked_fill(absent, float("inf")).argmin(1)
-        for rows in h.split(block)
-    ]
+    """Index of the nearest present reference class mean of each row, in row blocks (memory O(block x C'))."""
+    classes = reference.present.nonzero().squeeze(1)  # only the C' present classes can be nearest
+    means = reference.means[classes]
+    block = max(1, BLOCK_ELEMENTS // max(1, len(classes)))
+    nearest = [classes[(means.square().sum(1) - 2 * rows @ means.T).argmin(1)] for rows in h.split(block)]
     return torch.cat(nearest) if nearest else h.new_zeros(0, dtype=torch.long)
 
 
@@ -127,8 +135,10 @@ def _neural_collapse_update(
     reference: _Reference | None = None,
     predictions: Tensor | None = None,
     ignore_index: int | None = None,
+    stats: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Sufficient statistics of one batch, in fp64, shifted by the reference class means.
+    """Sufficient statistics of one batch, in fp64, shifted by the reference class means, added in place to
+    ``stats`` (e.g. a Metric's states: no per-batch (C, D) temporaries) or to new zeros.
 
     ``features`` (..., D) with ``labels`` (...) are taken row by row (token positions included); rows labelled
     ``ignore_index`` contribute nothing; rows with a NaN/inf feature contribute nothing and are counted in
@@ -150,25 +160,28 @@ def _neural_collapse_update(
     shift = reference.means[labels] if reference is not None else torch.zeros_like(h)
     diff = torch.where(kept[:, None], h - shift, 0.0)
     weight = kept.to(torch.float64)
-    rank = min(num_classes, h.shape[1])
+    if stats is None:
+        stats = _zero_stats(num_classes, h.shape[1], h.device)
 
-    stats = {
-        "counts": h.new_zeros(num_classes).index_add_(0, labels, weight),
-        "sums": h.new_zeros(num_classes, h.shape[1]).index_add_(0, labels, diff),
-        "squares": h.new_zeros(num_classes).index_add_(0, labels, diff.square().sum(1)),
-        "scatter": h.new_zeros(rank),
-        "mismatches": h.new_zeros(()),
-        "predicted": h.new_zeros(()),
-        "nonfinite": (~finite & labelled).sum().to(torch.float64),
-    }
+    stats["counts"].index_add_(0, labels, weight)
+    stats["sums"].index_add_(0, labels, diff)
+    stats["squares"].index_add_(0, labels, diff.square().sum(1))
+    stats["nonfinite"] += (~finite & labelled).sum()
     if reference is not None:
-        stats["scatter"] = (diff @ reference.basis).square().sum(0)
+        stats["scatter"] += (diff @ reference.basis).square().sum(0)
         if predictions is not None:
             scores = predictions.dim() == features.dim()  # (..., C) scores, else (...) class indices
             predicted = (predictions.argmax(-1) if scores else predictions).reshape(-1).to(h.device)
-            stats["mismatches"] = ((_nearest_class(h, reference) != predicted) & kept).sum().to(torch.float64)
-            stats["predicted"] = weight.sum()
+            stats["mismatches"] += ((_nearest_class(h, reference) != predicted) & kept).sum()
+            stats["predicted"] += weight.sum()
     return stats
+
+
+def _zero_stats(num_classes: int, num_features: int, device: torch.device | None = None) -> dict[str, Tensor]:
+    """Empty fp64 statistics: counts, sums, squares, scatter (k = min(C, D)), mismatches, predicted, nonfinite."""
+    shapes = {"counts": (num_classes,), "sums": (num_classes, num_features), "squares": (num_classes,),
+              "scatter": (min(num_classes, num_features),), "mismatches": (), "predicted": (), "nonfinite": ()}
+    return {name: torch.zeros(shapes[name], dtype=torch.float64, device=device) for name in _STAT_NAMES}
 
 
 def _class_means(stats: dict[str, Tensor], reference: _Reference | None) -> tuple[Tensor, Tensor]:
@@ -252,7 +265,7 @@ def _neural_collapse_compute(
             f"neural collapse skipped: {int(stats['nonfinite'])} feature rows contain NaN/inf", stacklevel=3
         )
         return {}
-    means, present = _class_means(stats, reference)
+    present = stats["counts"] > 0
     num_present = int(present.sum())
     result = {"num_classes_present": stats["counts"].new_tensor(float(num_present))}
     if num_present < 2:
@@ -260,9 +273,9 @@ def _neural_collapse_compute(
         return result
 
     counts = stats["counts"][present]
-    means = means[present]
+    offsets = stats["sums"][present] / counts[:, None]  # class means minus the reference shift
+    means = offsets + reference.means[present] if reference is not None else offsets
     centred = means - means.mean(0)
-    offsets = stats["sums"][present] / counts[:, None]
     variances = (stats["squares"][present] / counts - offsets.square().sum(1)).clamp_min(0)
 
     result["nc2_equinorm"] = _std_over_mean(centred.norm(dim=1))
@@ -349,9 +362,9 @@ class NeuralCollapse(Metric):
     Memory is O(C x D) (the per-class sums and the reference means; the between-class basis is D x min(C, D)),
     so vocabulary-sized C works: C = 50,257 classes of D = 768 features take 2 x 0.3 GB in fp64. ``update``
     streams: features of any leading shape (e.g. (N, T, D) token positions) are taken row by row, and the
-    (rows x C) distances of NC4 and the (C x C) class-pair Grams of ``compute`` are formed in blocks of
-    :data:`BLOCK_ELEMENTS` entries. Time per pass O(rows x D x min(C, D)), plus O(rows x C x D) for NC4;
-    ``compute`` O(C^2 x D).
+    (rows x C') distances of NC4 and the (C' x C') class-pair Grams of ``compute`` are formed in blocks of
+    :data:`BLOCK_ELEMENTS` entries (C' = classes present). Time per pass O(rows x D x min(C, D)), plus
+    O(rows x C' x D) for NC4; ``compute`` O(C'^2 x D).
 
     One pass gives ``nc2_*``, ``nc3`` and ``cdnv``. ``nc1`` and ``nc4`` need the class means first:
     call :meth:`start_second_pass` after the first pass and run ``update`` again over the same data;
@@ -419,11 +432,9 @@ class NeuralCollapse(Metric):
         self.rtol = rtol
         self.validate_args = validate_args
         self.ignore_index = ignore_index
-        c, k = num_classes, min(num_classes, num_features)
-        zeros = {"counts": (c,), "sums": (c, num_features), "squares": (c,), "scatter": (k,)}
-        zeros.update(mismatches=(), predicted=(), nonfinite=())
-        for name in _STAT_NAMES:
-            self.add_state(name, torch.zeros(zeros[name], dtype=torch.float64), dist_reduce_fx="sum")
+        c, k = num_classes, min(num_classes, num_features)  # reference buffers: means (C, D), basis (D, k)
+        for name, zeros in _zero_stats(num_classes, num_features).items():
+            self.add_state(name, zeros, dist_reduce_fx="sum")
         empty = _Reference(
             torch.zeros(c, num_features, dtype=torch.float64), torch.zeros(c, dtype=torch.bool),
             torch.zeros(num_features, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64),
@@ -442,11 +453,9 @@ class NeuralCollapse(Metric):
         _check_inputs(features, labels, self.num_classes, predictions, self.validate_args, self.ignore_index)
         if features.shape[-1] != self.num_features:
             raise ValueError(f"`features` must have {self.num_features} columns, got {features.shape[-1]}")
-        batch = _neural_collapse_update(
-            features, labels, self.num_classes, self._reference(), predictions, self.ignore_index
+        _neural_collapse_update(
+            features, labels, self.num_classes, self._reference(), predictions, self.ignore_index, self._stats()
         )
-        for name in _STAT_NAMES:
-            setattr(self, name, getattr(self, name) + batch[name])
 
     def _stats(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in _STAT_NAMES}
