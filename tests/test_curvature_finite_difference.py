@@ -9,13 +9,24 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from test_curvature_reference import MODELS, classification_batch, cross_entropy, dense_hessian, mlp
+from test_curvature_reference import (
+    MODELS,
+    classification_batch,
+    cross_entropy,
+    dense_hessian,
+    mlp,
+)
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hildtools.callbacks import HessianEigenMonitor
-from hildtools.curvature import HessianOperator, hessian_eigenpairs, hessian_trace, spectral_density
+from hildtools.curvature import (
+    HessianOperator,
+    hessian_eigenpairs,
+    hessian_trace,
+    spectral_density,
+)
 from hildtools.curvature.finite_difference import finite_difference_step
 
 SMOOTH = ["mlp", "bn_train", "bn_eval"]
@@ -58,7 +69,8 @@ def test_error_estimate_is_small_when_smooth_and_large_across_max_pool_kinks():
                              classification_batch("cnn", dtype=torch.float32), hvp="finite_difference")
     for operator in (smooth, kinked):
         operator.matvec(torch.randn(operator.size, generator=torch.Generator().manual_seed(0)))
-    assert smooth.last_error < 1e-3 < 1e-2 < kinked.last_error
+    assert smooth.last_error < 1e-3
+    assert kinked.last_error > 1e-2
 
 
 def test_step_formula():
