@@ -121,6 +121,8 @@ def test_once_differentiable_loss_is_detected_and_finite_differences_are_used():
     with pytest.warns(UserWarning, match="double backward disagrees with finite differences"):
         result = hessian_eigenpairs(model, fused_cross_entropy, batch, k=2, tol=1e-6)
     assert torch.allclose(result.eigenvalues, exact[:2], rtol=1e-4)
+    with pytest.warns(UserWarning, match="disagrees"):  # the check extrapolates even for plain products
+        assert HessianOperator(model, fused_cross_entropy, batch, extrapolate=False).hvp == "finite_difference"
 
 
 class OnceDifferentiableTanh(torch.autograd.Function):
@@ -307,3 +309,16 @@ def test_monitors_with_finite_differences_leave_training_bitwise_identical(optim
             assert all(m.last_metrics and m.method == "finite_difference" for m in monitors)
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+@pytest.mark.gpu
+def test_cuda_memory_efficient_attention_gives_the_math_kernel_curvature():
+    """On CUDA (fp32): SDPA's memory-efficient kernel, which has no double backward, through finite differences,
+    against double backward on the math kernel. Skipped without a GPU."""
+    model = Attention().cuda()
+    batch = tuple(t.cuda() for t in attention_batch())
+    with sdpa_kernel([SDPBackend.MATH]):
+        exact = hessian_eigenpairs(model, cross_entropy, batch, k=2, tol=1e-6, hvp="autograd").eigenvalues
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        fused = hessian_eigenpairs(model, cross_entropy, batch, k=2, tol=1e-6, hvp="finite_difference").eigenvalues
+    assert torch.allclose(fused, exact, rtol=1e-3)
