@@ -231,8 +231,7 @@ class HessianOperator:
         """``"autograd"`` or ``"finite_difference"`` from one product both ways on a random unit direction."""
         vector = gaussian_vector(self.size, torch.Generator().manual_seed(0), self.device, self.dtype)
         vector = vector / self._norm(vector)
-        reduced = all_reduce_mean(torch.stack(self._differences(vector)))
-        product, error = extrapolated(reduced[0], reduced[1])
+        product, error = extrapolated(*all_reduce_mean(torch.stack(self._differences(vector, extrapolate=True))))
         try:
             if self.backend == "autograd" and self.grads is None:
                 self._build_graph()
@@ -325,20 +324,22 @@ class HessianOperator:
             self.last_error = self._norm(error) / max(self._norm(product), torch.finfo(torch.float64).tiny)
         return product
 
-    def _differences(self, vector: Tensor) -> tuple[Tensor, ...]:
-        """``(D(h), D(h/2))`` or ``(D(h),)`` on this rank (before any reduction); zeros for ``v = 0``."""
+    def _differences(self, vector: Tensor, extrapolate: bool | None = None) -> tuple[Tensor, ...]:
+        """``(D(h), D(h/2))`` (extrapolated, default ``self.extrapolate``) or ``(D(h),)`` on this rank (before any
+        reduction); zeros for ``v = 0``."""
+        extrapolate = self.extrapolate if extrapolate is None else extrapolate
         norm = self._norm(vector)
         if norm == 0:
-            return (torch.zeros_like(vector),) * (2 if self.extrapolate else 1)
+            return (torch.zeros_like(vector),) * (2 if extrapolate else 1)
         pieces = self.split(vector)
-        step = finite_difference_step(self.dtype, self.theta_norm, norm, self.extrapolate)
+        step = finite_difference_step(self.dtype, self.theta_norm, norm, extrapolate)
         gradient = self.gradient_at if self.sharded else self._gradient_at
 
         def at(t: float) -> Tensor:
             with self._evaluation():
                 return gradient(pieces, t).to(self.dtype)
 
-        coarse, fine = central_differences(at, step, self.extrapolate)
+        coarse, fine = central_differences(at, step, extrapolate)
         return (coarse,) if fine is None else (coarse, fine)
 
     def _gradient_at(self, pieces: Sequence[Tensor], t: float) -> Tensor:
