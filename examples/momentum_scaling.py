@@ -187,7 +187,7 @@ def fastest_gap(curve: list[tuple[float, float | None]]) -> tuple[float, float] 
         return None
     i = min(hits, key=lambda j: curve[j][1])
     if 0 < i < len(curve) - 1 and curve[i - 1][1] is not None and curve[i + 1][1] is not None:
-        (x0, y0), (x1, y1), (x2, y2) = ((math.log(g), math.log(t)) for g, t in curve[i - 1:i + 2])
+        (x0, y0), (x1, y1), (_x2, y2) = ((math.log(g), math.log(t)) for g, t in curve[i - 1:i + 2])
         curvature = (y0 - 2 * y1 + y2) / ((x1 - x0) ** 2)
         if curvature > 0:  # even grid in log gap: vertex = x1 - h (y2 - y0) / (2 (y0 - 2 y1 + y2))
             return math.exp(x1 - (x1 - x0) * (y2 - y0) / (2 * (y0 - 2 * y1 + y2))), curve[i][1]

@@ -32,6 +32,8 @@ terminal-phase collapse does not show there without a longer, decaying-lr schedu
 
 from __future__ import annotations
 
+import itertools
+
 import lightning.pytorch as pl
 import torch
 from digits import digits_loaders
@@ -62,7 +64,7 @@ class DigitsMLP(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         sizes = [64] + [width] * depth
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.classifier = nn.Linear(width, 10)
 
     def forward(self, x):

@@ -25,6 +25,7 @@ Verdict: PASS when, for every seed, (1) at equal time the final independent frac
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import lightning.pytorch as pl
@@ -140,7 +141,8 @@ def final_fraction(rows: list[dict]) -> float | None:
 
 def falls(values: list[float | None]) -> bool:
     finite = [v for v in values if v is not None]
-    return len(finite) == len(values) > 1 and all(a >= b for a, b in zip(finite, finite[1:])) and finite[0] > finite[-1]
+    monotone = all(a >= b for a, b in itertools.pairwise(finite))
+    return len(finite) == len(values) > 1 and monotone and finite[0] > finite[-1]
 
 
 def criteria(results, lrs, batch_sizes, base_lr, base_batch, label_noise) -> list[tuple[str, bool]]:
