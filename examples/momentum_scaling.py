@@ -96,7 +96,7 @@ class HeavyBall:
             parameter.sub_(self.lr * buffer)
 
 
-def run(lrs=(0.01, 0.005, 0.0025, 0.00125, 0.000625), beta0=0.99, sweep_points=11, steps=8000, seeds=3,
+def run(lrs=(0.01, 0.005, 0.0025, 0.00125, 0.000625), beta0=0.99, sweep_points=11, steps=12000, seeds=3,
         label_noise=0.5, target=0.1, every=50, seed=0, out="outputs/momentum_scaling", use_wandb=False) -> dict:
     """Train fixed-beta, scaled-beta and beta-sweep configurations, each with ``seeds`` label-noise streams.
 
@@ -292,7 +292,7 @@ def main(argv=None):
                         help="largest first")
     parser.add_argument("--beta0", type=float, default=0.99, help="beta at the largest lr (fixed runs and C)")
     parser.add_argument("--sweep-points", type=int, default=11, help="1-beta = 0.1 / sqrt(3)^i, i < this")
-    parser.add_argument("--steps", type=int, default=8000, help="budget of every run")
+    parser.add_argument("--steps", type=int, default=12000, help="budget of every run")
     parser.add_argument("--label-noise", type=float, default=0.5, help="std of the fresh label noise")
     parser.add_argument("--target", type=float, default=0.1, help="test error ||w - w*||^2 to reach")
     args = parser.parse_args(argv)
