@@ -20,7 +20,8 @@ from wandb_utils import history_keys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = ["edge_of_stability", "hessian_inertia", "momentum_scaling", "neural_collapse", "optimizers_compare",
             "quickstart", "sam_feature_rank", "silent_alignment", "stochastic_collapse"]
-ENV = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+ENV = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+           PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))  # this checkout's hildtools
 
 
 def run_example(name, *args, code=None):

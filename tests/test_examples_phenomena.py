@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from test_examples_curvature import verdict
+from test_examples_curvature import ENV, verdict
 from wandb_utils import history_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +40,7 @@ WANDB_KEYS = {
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Start every run at once; yields {run id: (out_dir, log_path, process)} and stops stragglers at the end."""
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    env = ENV  # this checkout's hildtools first
     runs = {}
     for run_id, (name, flags) in RUNS.items():
         out = tmp_path_factory.mktemp(run_id)
