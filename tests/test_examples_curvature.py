@@ -104,6 +104,7 @@ def test_every_flag_has_help_and_the_help_shows_defaults(name, monkeypatch):
     assert [a.dest for a in parser._actions if not a.help] == []
 
 
+@pytest.mark.slow
 def test_edge_of_stability_passes_and_a_small_lr_fails(tmp_path):
     status, criteria = verdict(ok(run_example("edge_of_stability.py", "--tiny", "--out", str(tmp_path))),
                                "edge_of_stability[gd]")
@@ -120,6 +121,7 @@ def test_adam_gets_its_own_default_lr_and_names_the_preconditioned_sharpness(mon
     assert module.DEFAULT_LRS["adam"] == [0.01] and module.DEFAULT_LRS["gd"][0] == 0.2
 
 
+@pytest.mark.slow
 def test_hessian_inertia_meets_the_tiny_criteria_and_lr_zero_fails_the_early_rotation(tmp_path):
     out = ok(run_example("hessian_inertia.py", "--tiny", "--out", str(tmp_path)))
     _, criteria = verdict(out, "hessian_inertia")
@@ -132,6 +134,7 @@ def test_hessian_inertia_meets_the_tiny_criteria_and_lr_zero_fails_the_early_rot
     assert not criteria["the subspace moved early: final overlap with the first measurement < 0.5"]
 
 
+@pytest.mark.slow
 def test_silent_alignment_passes_and_a_large_initialisation_fails(tmp_path):
     status, criteria = verdict(ok(run_example("silent_alignment.py", "--tiny", "--out", str(tmp_path))),
                                "silent_alignment")

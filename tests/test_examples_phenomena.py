@@ -37,6 +37,9 @@ WANDB_KEYS = {
 }
 
 
+pytestmark = pytest.mark.slow  # eight tiny runs, in parallel
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Start every run at once; yields {run id: (out_dir, log_path, process)} and stops stragglers at the end."""
