@@ -23,7 +23,7 @@ sooner than the fixed beta at every lr below the largest, (3) at every lr the sw
 (not at the grid's edge, both neighbours reached the target within the budget), and (4) the fitted exponent a is
 closer to 2/3 than to 1/2 and to 1 (a in [7/12, 5/6]).
 
-    python examples/momentum_scaling.py
+    python examples/momentum_scaling.py                      # 5 lrs x 11 betas x 3 seeds; 23 s of CPU
     python examples/momentum_scaling.py --seeds 5 --steps 20000 --sweep-points 13
 """
 
