@@ -1,5 +1,8 @@
 """Plumbing shared by the examples: common flags, the logger, the figure backend, seeds and the PASS/FAIL verdict.
 
+Times in the examples' docstrings are CPU seconds (user time, one thread) of the default run, measured on the
+shared 2-core development machine.
+
 A verdict is a list of criteria, each a fixed description and whether the run met it. With several seeds a
 criterion passes only when every seed meets it; the headline numbers are printed as mean ± standard deviation
 over the seeds (``mean (1 seed)`` with one).

@@ -12,16 +12,18 @@ run that simply fits worse): the rank is measured from step 0 at log-spaced earl
 well above the ranks, and the comparison is also made at matched training loss.
 
 Verdict: PASS when, for every SAM rho and seed, (1) the final feature rank is below SGD's, (2) the gap builds up
-gradually: at step 10 it is under half the final gap, (3) SAM's final training MSE is within 3x of SGD's (matched
-fit), and (4) SGD's rank stays below n (not at the ceiling). With the defaults it FAILS: the paper's effect is not
-reproduced at this size (see the gallery for the numbers), and the example says so.
+gradually: at step 10 it is under half the final gap, (3) SAM's final rank is below SGD's rank at the first
+measurement where SGD's training MSE had fallen to SAM's final one (matched fit: SAM's final loss is higher, and
+a worse fit alone could lower the rank), and (4) SGD's rank stays below n (not at the ceiling). Measured with the
+defaults (seed 0): rho = 0.2 meets (1)-(3), rho = 0.05 meets none (its rank ends above SGD's), so the verdict is
+FAIL: the paper's low-rank effect shows here only at the larger rho.
 
 Not everywhere at small scale: on digits (a 2 x 512 ReLU MLP, cross-entropy, SGD with momentum 0.9, lr 0.05,
 batch 64, 60 epochs, seed 0; measured once in a plain loop, not by this script) SAM with rho 0.05-0.5 gave a *higher*
 99% feature rank of the penultimate features than SGD (30-39 vs 22). The paper's image-classification results are
 for ResNets on CIFAR-10/100 and Tiny ImageNet.
 
-    python examples/sam_feature_rank.py                          # SGD, SAM rho 0.05 and 0.2, n = 50
+    python examples/sam_feature_rank.py                          # SGD, SAM rho 0.05 and 0.2, n = 50; 41 s of CPU
     python examples/sam_feature_rank.py --seeds 3                # mean ± std over three seeds
     python examples/sam_feature_rank.py --rhos 0 0.1 0.2 0.3 0.4 0.6 --n 20 --steps 20000   # the paper's sweep
 """
@@ -190,8 +192,9 @@ def criteria(results: dict[float, list[dict]], n: int) -> list[tuple[str, bool]]
                                                                           - at_step(rows, 10)["feature_rank"])
         checks += [(f"{label(rho)}: final feature rank below SGD's", gap > 0),
                    (f"{label(rho)}: at step 10 the gap is under half the final gap", gap > 0 and early < gap / 2),
-                   (f"{label(rho)}: final training MSE within 3x of SGD's",
-                    rows[-1]["train_mse"] <= 3 * sgd[-1]["train_mse"])]
+                   (f"{label(rho)}: rank below SGD's at matched training loss",
+                    (matched := matched_rank(sgd, rows[-1]["train_mse"])) is not None
+                    and rows[-1]["feature_rank"] < matched)]
     checks.append((f"SGD's final rank below n = {n}", sgd[-1]["feature_rank"] < n))
     return checks
 

@@ -121,16 +121,23 @@ class HessianEigenMonitor(CurvatureMonitor):
         if self.density:
             density = lanczos_quadrature(operator.matvec, operator.size, seed=self.last_step, inner=operator.inner,
                                          **on)
-            self.log_density(trainer, density)
+            self.log_density(trainer, density, float(values[0]))
         return metrics
 
-    def log_density(self, trainer: pl.Trainer, density: SpectralDensity) -> None:
-        figure_axes = new_figure(figsize=(5, 3))
+    def log_density(self, trainer: pl.Trainer, density: SpectralDensity, top: float) -> None:
+        """Smoothed density on a log axis spanning 6 decades below its peak (not a numerical floor), with the top
+        eigenvalue from Lanczos marked."""
+        figure_axes = new_figure(figsize=(5, 3), layout="constrained")
         if figure_axes is None:
             return
         figure, axes = figure_axes
         grid, values = density.smooth()
-        axes.semilogy(grid.cpu(), values.cpu().clamp_min(1e-12))
+        axes.semilogy(grid.cpu(), values.cpu())
+        peak = float(values.max())
+        if peak > 0:
+            axes.set_ylim(peak * 1e-6, peak * 2)
+        axes.axvline(top, color="C3", linestyle="--", label=f"top eigenvalue {top:.3g}")
+        axes.legend(fontsize="x-small")
         axes.set(xlabel="eigenvalue", ylabel="density", title=f"Hessian spectrum, step {trainer.global_step}")
         log_figure(trainer, "hessian/density", figure)
 

@@ -168,7 +168,7 @@ class NeuralCollapseMonitor(FeatureMonitor):
             yield features, targets, outputs if scores else None
 
     def log_heatmap(self, trainer: pl.Trainer, name: str, means: Tensor) -> None:
-        figure_axes = new_figure(figsize=(4, 3.5))
+        figure_axes = new_figure(figsize=(4.5, 3.8), layout="constrained")
         if figure_axes is None:
             return
         figure, axes = figure_axes
@@ -176,5 +176,5 @@ class NeuralCollapseMonitor(FeatureMonitor):
         unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(torch.finfo(centred.dtype).tiny)
         image = axes.imshow((unit @ unit.T).cpu().numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
         figure.colorbar(image, ax=axes)
-        axes.set(xlabel="class", ylabel="class", title=f"{name}: class-mean cosines, step {trainer.global_step}")
+        axes.set(xlabel="class", ylabel="class", title=f"{name}: class-mean cosines\nstep {trainer.global_step}")
         log_figure(trainer, f"nc/{name}/class_mean_cosines", figure)
