@@ -12,7 +12,9 @@ convention gives the same kernel), n = 256 random inputs, kernel convention ``"s
 2. ``empirical_ntk`` with its default chunk (the rows fitting 1 GiB) and fp64 products (default) or fp32 products,
    then a sweep of ``chunk_size`` (fp32 products): peak memory follows the chunk (about 2 x chunk_size x P x 4 bytes plus activations; chunk_size counts Jacobian rows, i.e.
    example-output pairs), not n x P.
-3. the sketched kernel (``sketch_dim`` = 512 by default) and its relative Frobenius error.
+3. the forward-only sketch (``method="sketch"``, ``sketch_dim`` = 512 by default) and its relative Frobenius error.
+
+``--transformer`` runs the language-model benchmark instead (:func:`transformer_benchmark`): a 2-layer GPT-2.
 
 Each method runs in a fresh subprocess: time (median of ``--repeats`` runs after a warm-up) and peak extra memory
 (peak resident set size after a reset of the peak counter on Linux CPUs; ``torch.cuda.max_memory_allocated`` on
@@ -72,7 +74,7 @@ def method(args, name):
         chunk = int(name.rsplit("_", 1)[1])
         return lambda model, x: empirical_ntk(model, x, chunk_size=chunk, product_dtype=torch.float32)
     if name == "ours_sketch":
-        return lambda model, x: empirical_ntk(model, x, sketch_dim=args.sketch_dim)
+        return lambda model, x: empirical_ntk(model, x, method="sketch", sketch_dim=args.sketch_dim)
     raise ValueError(name)
 
 
@@ -121,6 +123,141 @@ def run_in_subprocess(args, name):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def gpt2_problem(n, length, vocab=256):
+    """GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=64), random weights, n sequences."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=vocab, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def naive_projection_ntk(model, ids, seed=0):
+    """The naive per-example loop for the ``"projection"`` kernel: one ``autograd.grad`` of ``v . f(x_i)`` per
+    example (v of T*V entries from the same seeded CPU generator), the n x P Jacobian stored, fp64 Gram."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits = model(ids[:1]).logits
+    v = torch.randn(logits[0].numel(), 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    v = v[:, 0].to(logits.dtype).view(logits.shape[1:])
+    rows = []
+    for i in range(len(ids)):
+        grads = torch.autograd.grad((model(ids[i : i + 1]).logits[0] * v).sum(), params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    jacobian = torch.stack(rows)
+    return jacobian @ jacobian.T
+
+
+def seconds(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def monitor_measurement_seconds(model, ids, **monitor_args):
+    """Wall time of one NTKAlignmentMonitor measurement at its defaults (probe_size = n, measured at step 0) in a
+    Lightning fit: a 1-step fit with the monitor minus a 1-step fit without it."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from hildtools.callbacks import NTKAlignmentMonitor
+
+    class LanguageModel(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0], labels=batch[1]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def fit(callbacks):
+        loader = DataLoader(TensorDataset(ids, ids), batch_size=len(ids))
+        trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, callbacks=callbacks,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        start = time.perf_counter()
+        trainer.fit(LanguageModel(), loader)
+        return time.perf_counter() - start
+
+    plain = fit([])
+    monitor = NTKAlignmentMonitor(probe_size=len(ids), **monitor_args)
+    return fit([monitor]) - plain, monitor.last_metrics
+
+
+def transformer_benchmark(args):
+    """One NTK measurement on a 2-layer GPT-2 (n sequences of --length tokens): ours at the monitor's default
+    convention ("auto" = the seeded projection over positions x vocabulary here) against the naive per-example loop
+    for the same kernel, and the extrapolated cost of the exact "sum" over T*V outputs that the old default took."""
+    import os
+
+    torch.set_num_threads(args.threads)
+    model, ids = gpt2_problem(args.n, args.length)
+    params = sum(p.numel() for p in model.parameters())
+    outputs = args.length * model.config.vocab_size
+    masked = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    naive, reference = seconds(lambda: naive_projection_ntk(model, ids), args.repeats)
+    ours, kernel = seconds(lambda: empirical_ntk(model, ids, output="auto"), args.repeats)
+    ours_masked, kernel_masked = seconds(lambda: empirical_ntk(model, masked, output="auto"), args.repeats)
+    k = 64
+    sketch, kernel_sketch = seconds(lambda: empirical_ntk(model, ids, output="auto", method="sketch", sketch_dim=k), 1)
+    rows = [("naive per-example loop (autograd.grad per example)", naive, reference),
+            ("empirical_ntk(output='auto'), input_ids (vmap over examples)", ours, kernel),
+            ("empirical_ntk(output='auto'), dict with attention_mask (per-example fallback)", ours_masked, kernel_masked),
+            (f"empirical_ntk(output='auto', method='sketch', sketch_dim={k}): {2 * k} forwards, no backward", sketch,
+             kernel_sketch)]  # fmt: skip
+    # the exact "sum" over positions x vocabulary (the old default): time 256 Jacobian rows, extrapolate to n*T*V
+    from hildtools.metrics.ntk import TangentModel
+
+    tangent = TangentModel(model, ids, output="sum")
+    row_seconds, _ = seconds(lambda: tangent.rows(range(1), range(256)), 1)
+    jacobian_rows = args.n * outputs
+    gram_flops = args.n**2 * outputs * params
+    monitor, metrics = monitor_measurement_seconds(model, ids)
+    load = os.getloadavg()
+    lines = [
+        "# empirical NTK on a 2-layer GPT-2 (cpu)",
+        "",
+        (f"Command: `OMP_NUM_THREADS={args.threads} python benchmarks/bench_ntk.py --transformer --threads {args.threads} "
+        f"--n {args.n} --length {args.length} --repeats {args.repeats}`"),
+        "",
+        (f"- date: {datetime.date.today()}; device: 2-core CPU, shared, no GPU ({platform.processor() or platform.machine()}); "
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min; other jobs ran); "
+        f"torch {torch.__version__}; python {platform.python_version()}; CPU threads: {args.threads}"),
+        (f"- model: GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=64), {params:,} parameters; "
+        f"n = {args.n} sequences of T = {args.length} tokens; C = T x V = {outputs:,} outputs per example"),
+        f"- time: median of {args.repeats} runs after a warm-up",
+        "",
+        "| method (kernel: seeded projection over positions x vocabulary) | time (s) | speed-up vs naive | rel. error vs naive |",
+        "|---|---|---|---|",
+    ]
+    for label, elapsed, result in rows:
+        error = float((result - reference).norm() / reference.norm())
+        lines.append(f"| {label} | {elapsed:.3f} | {naive / elapsed:.2f}x | {error:.1e} |")
+    lines += [
+        "",
+        (f"One NTKAlignmentMonitor measurement at its defaults (probe_size = {args.n}, output='auto') in a Lightning fit: "
+        f"{monitor:.2f} s (1-step fit with the monitor minus without); logged: {sorted(metrics)}."),
+        "",
+        (f"The exact 'sum' over positions and vocabulary (the default before 'auto'): 256 Jacobian rows of one example "
+        f"took {row_seconds:.3f} s, so the {jacobian_rows:,} rows take about {row_seconds * jacobian_rows / 256:,.0f} s, "
+        f"and their n x n Gram product n^2 C P = {gram_flops:.1e} multiply-adds; within the 1 GiB default chunk "
+         f"({tangent.default_chunk_size():,} rows, one example each) the pairs of chunks recompute the rows "
+         f"{args.n + 1} / 2 times over: hours, which is why the old default never finished."),
+    ]
+    print("\n".join(lines))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -133,7 +270,12 @@ def main():
     parser.add_argument("--skip-naive-fp32", action="store_true")
     parser.add_argument("--tmp", default="/tmp")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--transformer", action="store_true", help="the GPT-2 benchmark (n defaults to 64)")
+    parser.add_argument("--length", type=int, default=32, help="tokens per sequence (--transformer)")
     args = parser.parse_args()
+    if args.transformer:
+        args.n = 64 if args.n == 256 else args.n
+        return transformer_benchmark(args)
     if args.measure:
         return measure(args, args.measure)
 
@@ -153,12 +295,12 @@ def main():
     lines = [
         f"# empirical NTK benchmark ({args.device})",
         "",
-        f"- date: {datetime.date.today()}; device: {device}; torch {torch.__version__}; "
-        f"python {platform.python_version()}; CPU threads: {args.threads}",
-        f"- model: MLP 784-1024-256-{args.outputs} ({params:,} parameters), n = {args.n}, convention 'sum'; "
-        f"the naive Jacobian alone is {args.n * args.outputs * params * 4 / 2**20:,.0f} MiB",
-        f"- time: median of {args.repeats} runs after a warm-up; peak: extra memory over model + data "
-        f"({'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS, reset before the run'})",
+        (f"- date: {datetime.date.today()}; device: {device}; torch {torch.__version__}; "
+        f"python {platform.python_version()}; CPU threads: {args.threads}"),
+        (f"- model: MLP 784-1024-256-{args.outputs} ({params:,} parameters), n = {args.n}, convention 'sum'; "
+        f"the naive Jacobian alone is {args.n * args.outputs * params * 4 / 2**20:,.0f} MiB"),
+        (f"- time: median of {args.repeats} runs after a warm-up; peak: extra memory over model + data "
+        f"({'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS, reset before the run'})"),
         "",
         "| method | time (s) | speed-up vs naive (fp64 products) | peak extra memory (MiB) | rel. error vs naive fp64 |",
         "|---|---|---|---|---|",
@@ -177,10 +319,10 @@ def main():
     diagonal = reference.diagonal()
     lines += [
         "",
-        f"Sketch error, stated vs measured (k = {args.sketch_dim}): relative Frobenius error "
+        (f"Sketch error, stated vs measured (k = {args.sketch_dim}): relative Frobenius error "
         f"sqrt((1 + tr(K)^2/||K||_F^2)/k) = {((1 + ratio) / args.sketch_dim) ** 0.5:.3f} (participation ratio "
         f"{ratio:.1f}) vs {float((sketch - reference).norm() / reference.norm()):.3f}; diagonal relative error "
-        f"sqrt(2/k) = {(2 / args.sketch_dim) ** 0.5:.4f} vs {float(((sketch.diagonal() / diagonal - 1) ** 2).mean().sqrt()):.4f} (rms).",
+        f"sqrt(2/k) = {(2 / args.sketch_dim) ** 0.5:.4f} vs {float(((sketch.diagonal() / diagonal - 1) ** 2).mean().sqrt()):.4f} (rms)."),
     ]
     print("\n".join(lines))
 

@@ -7,7 +7,7 @@ median over rounds. SAM is timed as ``first_step() + second_step()`` (everything
 forward/backward passes) and compared with its base optimizer's step.
 
     python benchmarks/bench_optimizers.py                       # CPU, 10M parameters
-    python benchmarks/bench_optimizers.py --sizes 10e6 100e6 --device cuda --fused
+    python benchmarks/bench_optimizers.py --sizes 10e6 100e6 --device cuda --compiled
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def make_params(total: float, n_layers: int, device: str, dtype: torch.dtype) ->
     return params
 
 
-def candidates(params, device: str, fused: bool) -> dict[str, tuple[torch.optim.Optimizer, Callable[[], None]]]:
+def candidates(params, device: str, compiled: bool) -> dict[str, tuple[torch.optim.Optimizer, Callable[[], None]]]:
     """Map a display name to (optimizer, the call that is timed)."""
     loss = torch.tensor(0.7, device=device)
     on_cuda = device.startswith("cuda")
@@ -64,9 +64,9 @@ def candidates(params, device: str, fused: bool) -> dict[str, tuple[torch.optim.
     add("hildtools Lion (foreach)", Lion(params, lr=1e-4, weight_decay=0.1, foreach=True))
     add("hildtools Signum (single)", Signum(params, lr=1e-4, weight_decay=0.1, foreach=False))
     add("hildtools Signum (foreach)", Signum(params, lr=1e-4, weight_decay=0.1, foreach=True))
-    if fused:
-        add("hildtools Lion (fused, compiled)", Lion(params, lr=1e-4, weight_decay=0.1, fused=True))
-        add("hildtools Signum (fused, compiled)", Signum(params, lr=1e-4, weight_decay=0.1, fused=True))
+    if compiled:
+        add("hildtools Lion (compiled)", Lion(params, lr=1e-4, weight_decay=0.1, compiled=True))
+        add("hildtools Signum (compiled)", Signum(params, lr=1e-4, weight_decay=0.1, compiled=True))
     for name, foreach in (("single", False), ("foreach", True)):
         ngn = NGN(params, lr=0.1, foreach=foreach)
         add(f"hildtools NGN ({name})", ngn, lambda ngn=ngn: ngn.step(loss=loss))
@@ -115,7 +115,7 @@ def bench(total: float, args) -> list[str]:
     dtype = getattr(torch, args.dtype)
     params = make_params(total, args.layers, args.device, dtype)
     n_numbers = sum(p.numel() for p in params)
-    opts = candidates(params, args.device, args.fused)
+    opts = candidates(params, args.device, args.compiled)
     compile_s = {}
     for name, (_, call) in opts.items():  # warm-up: state allocation, compilation
         compile_s[name] = timed(call, args.device)
@@ -167,7 +167,7 @@ def bench(total: float, args) -> list[str]:
     compiled = {k: v for k, v in compile_s.items() if "compiled" in k}
     if compiled:
         lines.append(
-            "First call (compilation) of the fused paths: " + ", ".join(f"{k}: {v:.1f} s" for k, v in compiled.items())
+            "First call (compilation) of the compiled paths: " + ", ".join(f"{k}: {v:.1f} s" for k, v in compiled.items())
         )
     return lines
 
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--fused", action="store_true", help="also time the torch.compile'd Lion/Signum paths")
+    parser.add_argument("--compiled", action="store_true", help="also time the torch.compile'd Lion/Signum paths")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,9 +8,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 def digits_tensors(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as (N, 1, 8, 8) scaled to [0, 1], labels as int64."""
-    from sklearn.datasets import load_digits
+    from phenomena_common import require
 
-    data = load_digits()
+    data = require("sklearn.datasets", "scikit-learn").load_digits()
     images = torch.tensor(data.images, dtype=dtype).unsqueeze(1) / 16.0
     return images, torch.tensor(data.target, dtype=torch.int64)
 

@@ -3,24 +3,39 @@
 Full-batch gradient descent on a tanh MLP over scikit-learn's digits with a squared loss (Cohen et al. 2021):
 sharpness (the top Hessian eigenvalue, logged by EdgeOfStabilityMonitor) climbs ("progressive sharpening") until
 it reaches 2/lr and then hovers at it while the loss keeps falling non-monotonically. With heavy-ball momentum the
-threshold is (2+2b)/lr; with Adam the preconditioned sharpness meets (2+2b1)/((1-b1) lr) = 38/lr at b1 = 0.9.
+threshold is (2+2b)/lr; with Adam the preconditioned sharpness (the top eigenvalue of P^-1 H, P Adam's
+preconditioner) meets (2+2b1)/((1-b1) lr) = 38/lr at b1 = 0.9 (Cohen et al. 2022).
 
-    python examples/edge_of_stability.py                      # GD, lr 0.2
-    python examples/edge_of_stability.py --optimizer momentum --lr 0.25
-    python examples/edge_of_stability.py --optimizer adam --lr 0.01
+Verdict: PASS when, for every lr and seed, (1) the first measured sharpness is below 0.8 x threshold (the run
+starts away from the edge) and (2) the median of sharpness / threshold over the second half of the measurements
+lies in [0.9, 1.2]. Two learning rates by default (GD): the plateau follows the threshold 2/lr, not a fixed value.
+A run that never reaches the edge (e.g. ``--lrs 0.02``) fails (2).
+
+    python examples/edge_of_stability.py                      # GD, lr 0.2 and 0.15; 34 s of CPU
+    python examples/edge_of_stability.py --optimizer momentum # heavy ball 0.9, lr 0.25
+    python examples/edge_of_stability.py --optimizer adam     # Adam, lr 0.01
+    python examples/edge_of_stability.py --seeds 3            # three seeds: mean ± std
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import lightning.pytorch as pl
 import torch
+from digits import digits_tensors
+from phenomena_common import (
+    combine,
+    finish_wandb,
+    make_logger,
+    mean_spread,
+    parser_for,
+    pyplot,
+    report,
+    save_figure,
+    seed_list,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from digits import digits_tensors
 from hildtools.callbacks import EdgeOfStabilityMonitor
 
 OPTIMIZERS = {
@@ -28,6 +43,7 @@ OPTIMIZERS = {
     "momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999)),
 }
+DEFAULT_LRS = {"gd": [0.2, 0.15], "momentum": [0.25], "adam": [0.01]}  # momentum diverges at lr 0.4
 
 
 class FullBatchMLP(pl.LightningModule):
@@ -61,8 +77,9 @@ class History(pl.Callback):
                               self.monitor.last_metrics["eos/threshold"]))
 
 
-def run(optimizer: str = "gd", lr: float = 0.2, steps: int = 1500, n: int = 1000, width: int = 64,
-        every_n_steps: int = 10, seed: int = 0, out: str = "outputs/edge_of_stability") -> list[tuple]:
+def run(optimizer: str = "gd", lr: float = 0.2, steps: int = 1000, n: int = 1000, width: int = 64,
+        every_n_steps: int = 10, seed: int = 0, out: str = "outputs/edge_of_stability",
+        use_wandb: bool = False) -> list[tuple]:
     """Train full-batch; returns rows (step, loss, sharpness, threshold) at each measurement."""
     pl.seed_everything(seed, verbose=False)
     images, labels = digits_tensors()
@@ -71,62 +88,87 @@ def run(optimizer: str = "gd", lr: float = 0.2, steps: int = 1500, n: int = 1000
     history = History(monitor)
     trainer = pl.Trainer(
         max_steps=steps, max_epochs=-1, accelerator="auto", devices=1, callbacks=[monitor, history],
-        logger=pl.loggers.CSVLogger(out, name=optimizer), enable_checkpointing=False, enable_model_summary=False,
-        log_every_n_steps=every_n_steps,
+        logger=make_logger(out, f"{optimizer}_lr{lr:g}_seed{seed}", use_wandb), enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, log_every_n_steps=every_n_steps,
     )
     trainer.fit(FullBatchMLP(optimizer, lr, width), DataLoader(data, batch_size=n))
+    finish_wandb(use_wandb)
     return history.rows
 
 
-def verdict(rows: list[tuple]) -> tuple[str, float, float]:
-    """Median sharpness/threshold over the last 60% of measurements, and the first step at 0.9 x threshold."""
-    ratios = torch.tensor([s / t for _, _, s, t in rows])
-    tail = ratios[int(0.4 * len(ratios)):]
+def ratios(rows: list[tuple]) -> tuple[float, float, int | None]:
+    """First sharpness / threshold, its median over the second half of the measurements, and the first step at
+    0.9 x threshold (None if never)."""
+    values = torch.tensor([s / t for _, _, s, t in rows])
     reached = next((step for step, _, s, t in rows if s >= 0.9 * t), None)
-    median = float(tail.median())
-    text = (f"sharpness hovered at {median:.2f} x threshold over the last 60% of steps "
-            f"(first reached 0.9 x threshold at step {reached}; threshold {rows[-1][3]:.3g})")
-    return text, median, float(ratios.max())
+    return float(values[0]), float(values[len(values) // 2:].median()), reached
 
 
-def plot(rows: list[tuple], path: str, title: str) -> None:
-    import matplotlib
+def criteria(rows: list[tuple], lr: float) -> list[tuple[str, bool]]:
+    first, median, _ = ratios(rows)
+    return [(f"lr {lr:g}: first sharpness below 0.8 x threshold", first < 0.8),
+            (f"lr {lr:g}: median sharpness / threshold over the second half in [0.9, 1.2]", 0.9 <= median <= 1.2)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    steps = [r[0] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    top.plot(steps, [r[1] for r in rows])
-    top.set(ylabel="train loss", yscale="log", title=title)
-    bottom.plot(steps, [r[2] for r in rows], label="sharpness")
-    bottom.axhline(rows[-1][3], color="k", ls="--", label="threshold")
-    bottom.set(xlabel="step", ylabel="sharpness")
-    bottom.legend()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+def numbers(runs: dict[float, list[list[tuple]]]) -> str:
+    """runs: {lr: [rows of each seed]}."""
+    parts = []
+    for lr, seeds in runs.items():
+        stats = [ratios(rows) for rows in seeds]
+        reached = [r for _, _, r in stats if r is not None]
+        parts.append(f"lr {lr:g} (threshold {seeds[0][-1][3]:.3g}): sharpness / threshold first "
+                     f"{mean_spread([s[0] for s in stats], '.2f')}, second-half median "
+                     f"{mean_spread([s[1] for s in stats], '.2f')}, 0.9 x threshold first reached at step "
+                     f"{mean_spread(reached, '.0f') if reached else 'never'}")
+    return "; ".join(parts)
+
+
+def plot(runs: dict[float, list[list[tuple]]], optimizer: str, out: str) -> str:
+    plt = pyplot()
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 5.5), sharex=True, layout="constrained")
+    name = "preconditioned sharpness" if optimizer == "adam" else "sharpness"
+    threshold = {"gd": "2/lr", "momentum": "(2+2b)/lr", "adam": "38/lr"}[optimizer]
+    for lr, seeds in runs.items():
+        rows = seeds[0]
+        steps = [r[0] for r in rows]
+        line, = top.plot(steps, [r[1] for r in rows], label=f"lr {lr:g}")
+        bottom.plot(steps, [r[2] for r in rows], color=line.get_color(), label=f"{name}, lr {lr:g}")
+        bottom.axhline(rows[-1][3], color=line.get_color(), ls="--", lw=1,
+                       label=f"{threshold} = {rows[-1][3]:.3g}")
+    top.set(ylabel="train loss", yscale="log", title=f"{optimizer}, full batch (first seed)")
+    top.legend(fontsize="small")
+    bottom.set(xlabel="step", ylabel=name)
+    bottom.legend(fontsize="small")
+    return save_figure(figure, out, f"eos_{optimizer}.png")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="gd")
-    parser.add_argument("--lr", type=float, default=0.2)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser = parser_for(__doc__, "outputs/edge_of_stability")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="gd", help="gd, heavy ball 0.9, Adam")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="learning rates; default per optimizer: " + ", ".join(
+                            f"{k} {' '.join(map(str, v))}" for k, v in DEFAULT_LRS.items()))
+    parser.add_argument("--steps", type=int, default=1000, help="full-batch steps")
     parser.add_argument("--n", type=int, default=1000, help="training examples (full batch)")
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--every-n-steps", type=int, default=10)
-    parser.add_argument("--out", default="outputs/edge_of_stability")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for the tests)")
+    parser.add_argument("--width", type=int, default=64, help="hidden units of both tanh layers")
+    parser.add_argument("--every-n-steps", type=int, default=10, help="sharpness measurement interval")
     args = parser.parse_args(argv)
+    lrs = args.lrs or DEFAULT_LRS[args.optimizer]
     if args.tiny:
-        args.steps, args.n, args.width, args.every_n_steps = 40, 200, 16, 10
-    rows = run(args.optimizer, args.lr, args.steps, args.n, args.width, args.every_n_steps, out=args.out)
-    text, _, _ = verdict(rows)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"eos_{args.optimizer}.png")
-    plot(rows, path, f"{args.optimizer}, lr={args.lr}")
-    print(f"VERDICT edge_of_stability[{args.optimizer}]: {text}")
-    print(f"figure: {path}")
+        args.steps, args.n, args.width, args.every_n_steps = 300, 200, 32, 10
+        lrs = args.lrs or lrs[:1]
+    runs = {lr: [] for lr in lrs}
+    per_seed = []
+    for seed in seed_list(args):
+        checks = []
+        for lr in lrs:
+            rows = run(args.optimizer, lr, args.steps, args.n, args.width, args.every_n_steps, seed, args.out,
+                       args.wandb)
+            runs[lr].append(rows)
+            checks += criteria(rows, lr)
+        per_seed.append(checks)
+    figure = plot(runs, args.optimizer, args.out)
+    report(f"edge_of_stability[{args.optimizer}]", combine(per_seed), numbers(runs), figure, seed_list(args))
 
 
 if __name__ == "__main__":

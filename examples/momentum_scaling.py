@@ -12,13 +12,19 @@ the steps until ||w - w*||^2 < 0.1 (and still < 1 at the end), for every lr:
 
 - a fixed beta (0.99, close to the sweep's best at the largest lr) vs ``MomentumScaling`` from
   ``hildtools.optimizers``, keeping 1 - beta = C lr^(2/3) with C set by the same beta at the largest lr;
-- a sweep over beta at each lr: the fastest 1 - beta, and the exponent a of 1 - beta* ∝ lr^a it gives.
+- a sweep over beta at each lr: the fastest 1 - beta*, and the exponent a of 1 - beta* ∝ lr^a it gives, fitted
+  per label-noise seed (mean ± std), compared with the candidates 1/2, 2/3 and 1.
 
-Every configuration runs with 3 label-noise streams (the same 3 for all; steps averaged); all runs train together
-in one plain-torch loop (one param group per run), ~1 min on a CPU.
+The scaled runs train with torch's SGD under MomentumScaling; the fixed and sweep runs use the same heavy-ball
+update written out on one (runs x dim) tensor, so five learning rates x 11 betas x 3 seeds fit in a short run.
 
-    python examples/momentum_scaling.py
-    python examples/momentum_scaling.py --lrs 0.01 0.005 0.0025 0.00125 0.000625 0.0003 --sweep-points 13 --steps 20000
+Verdict: PASS when, for every label-noise seed, (1) the scaled runs reach the target at every lr, (2) they reach it
+sooner than the fixed beta at every lr below the largest, (3) at every lr the sweep's fastest beta is bracketed
+(not at the grid's edge, both neighbours reached the target within the budget), and (4) the fitted exponent a is
+closer to 2/3 than to 1/2 and to 1 (a in [7/12, 5/6]).
+
+    python examples/momentum_scaling.py                      # 5 lrs x 11 betas x 3 seeds; 23 s of CPU
+    python examples/momentum_scaling.py --seeds 5 --steps 20000 --sweep-points 13
 """
 
 from __future__ import annotations
@@ -26,9 +32,16 @@ from __future__ import annotations
 import math
 
 import torch
+from phenomena_common import (
+    combine,
+    mean_spread,
+    parser_for,
+    pyplot,
+    report,
+    save_figure,
+)
 
 from hildtools.optimizers import MomentumScaling
-from phenomena_common import parser_for, pyplot, report, save_figure
 
 
 def sparse_regression(n=40, dim=100, sparsity=5, seed=0):
@@ -55,39 +68,54 @@ class Runs:
         self.u = [leaf() for _ in range(count)]
         self.v = [leaf() for _ in range(count)]
 
-    def groups(self, indices, lrs, betas) -> list[dict]:
-        return [{"params": [self.u[i], self.v[i]], "lr": lr, "momentum": beta}
-                for i, lr, beta in zip(indices, lrs, betas)]
+    def groups(self, lrs, betas) -> list[dict]:
+        return [{"params": [u, v], "lr": lr, "momentum": beta} for u, v, lr, beta in zip(self.u, self.v, lrs, betas)]
 
     def weights(self) -> torch.Tensor:
         u, v = torch.stack(self.u), torch.stack(self.v)
         return u * u - v * v
 
 
-def run(lrs=(0.01, 0.0025, 0.000625), beta0=0.99, sweep_points=11, steps=8000, seeds=3, label_noise=0.5,
-        target=0.1, every=50, seed=0, out="outputs/momentum_scaling", use_wandb=False) -> dict:
+class HeavyBall:
+    """Many runs as rows of one (runs, dim) tensor: v <- beta v + g, w <- w - lr v (torch SGD, dampening 0)."""
+
+    def __init__(self, lrs: list[float], betas: list[float], dim: int, init: float = 1.0):
+        self.lr = torch.tensor(lrs, dtype=torch.float64)[:, None]
+        self.beta = torch.tensor(betas, dtype=torch.float64)[:, None]
+        self.u = torch.full((len(lrs), dim), init, dtype=torch.float64, requires_grad=True)
+        self.v = torch.full((len(lrs), dim), init, dtype=torch.float64, requires_grad=True)
+        self.buffers = [torch.zeros_like(self.u), torch.zeros_like(self.v)]
+
+    def weights(self) -> torch.Tensor:
+        return self.u * self.u - self.v * self.v
+
+    @torch.no_grad()
+    def step(self, grads) -> None:
+        for parameter, buffer, grad in zip((self.u, self.v), self.buffers, grads):
+            buffer.mul_(self.beta).add_(grad)
+            parameter.sub_(self.lr * buffer)
+
+
+def run(lrs=(0.01, 0.005, 0.0025, 0.00125, 0.000625), beta0=0.99, sweep_points=11, steps=12000, seeds=3,
+        label_noise=0.5, target=0.1, every=50, seed=0, out="outputs/momentum_scaling", use_wandb=False) -> dict:
     """Train fixed-beta, scaled-beta and beta-sweep configurations, each with ``seeds`` label-noise streams.
 
     A run reaches the target at the first measurement with error < target, and counts only if its last error
     is still < 10 x target (runs that pass through the target while diverging do not count).
 
-    Returns a dict with ``configs`` [(kind, lr, beta)], ``steps`` (per config: mean steps to the target over the
-    noise seeds, None when a seed did not reach it), ``curves`` [(step, errors of every run)], ``lrs``, ``gaps``,
-    ``scaled_betas`` and ``C``. Run ``c * seeds + s`` is configuration c with noise stream s.
+    Returns a dict with ``configs`` [(kind, lr, beta)], ``hits`` (per config, per noise seed: steps to the target
+    or None), ``curves`` [(step, errors of the fixed and scaled runs)], ``lrs``, ``gaps``, ``scaled_betas``, ``C``.
     """
     x, y, w_star = sparse_regression(seed=seed)
     gaps = sweep_gaps(sweep_points)
-    configs = [("fixed", lr, beta0) for lr in lrs] + [("scaled", lr, beta0) for lr in lrs]
-    configs += [("sweep", lr, 1 - gap) for lr in lrs for gap in gaps]
-    runs = Runs(len(configs) * seeds, x.shape[1])
-    members = {kind: [c * seeds + s for c, config in enumerate(configs) if config[0] == kind for s in range(seeds)]
-               for kind in ("fixed", "scaled", "sweep")}
-
-    def optimizer(indices):
-        return torch.optim.SGD(runs.groups(indices, [configs[i // seeds][1] for i in indices],
-                                           [configs[i // seeds][2] for i in indices]), lr=lrs[0])
-
-    heavy_ball, scaled = optimizer(members["fixed"] + members["sweep"]), optimizer(members["scaled"])
+    configs = [("fixed", lr, beta0) for lr in lrs] + [("sweep", lr, 1 - gap) for lr in lrs for gap in gaps]
+    configs += [("scaled", lr, beta0) for lr in lrs]
+    manual = [c for c in configs if c[0] != "scaled"]
+    heavy_ball = HeavyBall([lr for _, lr, _ in manual for _ in range(seeds)],
+                           [beta for _, _, beta in manual for _ in range(seeds)], x.shape[1])
+    runs = Runs(len(lrs) * seeds, x.shape[1])
+    scaled = torch.optim.SGD(runs.groups([lr for lr in lrs for _ in range(seeds)], [beta0] * len(lrs) * seeds),
+                             lr=lrs[0])
     scaling = MomentumScaling(scaled, lr0=lrs[0], beta0=beta0)  # 1 - beta = C lr^(2/3), set before every step
     noise_of_run = torch.arange(len(configs) * seeds) % seeds
     noise = torch.Generator().manual_seed(seed + 1)
@@ -95,26 +123,28 @@ def run(lrs=(0.01, 0.0025, 0.000625), beta0=0.99, sweep_points=11, steps=8000, s
     logger = WandbCurves(out) if use_wandb else None
     for step in range(1, steps + 1):
         streams = y + label_noise * torch.randn(seeds, len(y), generator=noise, dtype=torch.float64)
-        loss = 0.5 * (runs.weights() @ x.T - streams[noise_of_run]).pow(2).mean(1).sum()
-        heavy_ball.zero_grad()
+        weights = torch.cat([heavy_ball.weights(), runs.weights()])
+        loss = 0.5 * (weights @ x.T - streams[noise_of_run]).pow(2).mean(1).sum()
         scaled.zero_grad()
-        loss.backward()
-        heavy_ball.step()
+        grads = torch.autograd.grad(loss, [heavy_ball.u, heavy_ball.v, *runs.u, *runs.v])
+        for parameter, grad in zip([*runs.u, *runs.v], grads[2:]):
+            parameter.grad = grad
+        heavy_ball.step(grads[:2])
         scaled.step()
         if step % every == 0:
             with torch.no_grad():
-                error = (runs.weights() - w_star).pow(2).sum(1)
-            curves.append((step, error))
+                error = (torch.cat([heavy_ball.weights(), runs.weights()]) - w_star).pow(2).sum(1)
+            curves.append((step, error[[c * seeds + s for c, cfg in enumerate(configs) if cfg[0] != "sweep"
+                                        for s in range(seeds)]]))
             reached = [step if r is None and e < target else r for r, e in zip(reached, error.tolist())]
             if logger is not None:
                 logger.log(step, {f"{kind}/lr_{lr:g}/test_error": float(error[c * seeds])
                                   for c, (kind, lr, _) in enumerate(configs) if kind != "sweep"})
-    settled = [r if e < 10 * target else None for r, e in zip(reached, curves[-1][1].tolist())]  # NaN: not settled
-    per_config = [settled[c * seeds:(c + 1) * seeds] for c in range(len(configs))]
+    settled = [r if e < 10 * target else None for r, e in zip(reached, error.tolist())]  # NaN: not settled
     result = {
         "configs": configs, "curves": curves, "lrs": list(lrs), "gaps": gaps, "C": scaling.C, "seeds": seeds,
-        "steps": [None if None in hits else sum(hits) / seeds for hits in per_config],
-        "scaled_betas": [scaled.param_groups[i]["momentum"] for i in range(0, len(members["scaled"]), seeds)],
+        "hits": [settled[c * seeds:(c + 1) * seeds] for c in range(len(configs))],
+        "scaled_betas": [scaled.param_groups[i * seeds]["momentum"] for i in range(len(lrs))],
     }  # fmt: skip
     if logger is not None:
         logger.finish(result)
@@ -136,16 +166,16 @@ class WandbCurves:
         self.run.log({"step": step, **values})
 
     def finish(self, result: dict) -> None:
-        for (kind, lr, _), steps in zip(result["configs"], result["steps"]):
+        for (kind, lr, _), hits in zip(result["configs"], result["hits"]):
             if kind != "sweep":
-                self.run.summary[f"{kind}/lr_{lr:g}/steps_to_target"] = -1 if steps is None else steps
+                self.run.summary[f"{kind}/lr_{lr:g}/steps_to_target"] = -1 if hits[0] is None else hits[0]
         print(f"W&B offline run: {self.run.dir}  (upload with: wandb sync {self.run.dir.rsplit('/', 1)[0]})")
         self.wandb.finish()
 
 
-def sweep_curve(result: dict, lr: float) -> list[tuple[float, float | None]]:
-    """(1 - beta, mean steps to target or None) of the sweep at ``lr``, largest gap first."""
-    return [(1 - beta, steps) for (kind, run_lr, beta), steps in zip(result["configs"], result["steps"])
+def sweep_curve(result: dict, lr: float, s: int) -> list[tuple[float, float | None]]:
+    """(1 - beta, steps to target or None) of the sweep at ``lr`` for noise seed ``s``, largest gap first."""
+    return [(1 - beta, hits[s]) for (kind, run_lr, beta), hits in zip(result["configs"], result["hits"])
             if kind == "sweep" and run_lr == lr]
 
 
@@ -157,11 +187,20 @@ def fastest_gap(curve: list[tuple[float, float | None]]) -> tuple[float, float] 
         return None
     i = min(hits, key=lambda j: curve[j][1])
     if 0 < i < len(curve) - 1 and curve[i - 1][1] is not None and curve[i + 1][1] is not None:
-        (x0, y0), (x1, y1), (x2, y2) = ((math.log(g), math.log(t)) for g, t in curve[i - 1:i + 2])
+        (x0, y0), (x1, y1), (_x2, y2) = ((math.log(g), math.log(t)) for g, t in curve[i - 1:i + 2])
         curvature = (y0 - 2 * y1 + y2) / ((x1 - x0) ** 2)
         if curvature > 0:  # even grid in log gap: vertex = x1 - h (y2 - y0) / (2 (y0 - 2 y1 + y2))
             return math.exp(x1 - (x1 - x0) * (y2 - y0) / (2 * (y0 - 2 * y1 + y2))), curve[i][1]
     return curve[i]
+
+
+def bracketed(curve: list[tuple[float, float | None]]) -> bool:
+    """The fastest point is inside the grid and both its neighbours reached the target."""
+    hits = [i for i, (_, steps) in enumerate(curve) if steps is not None]
+    if not hits:
+        return False
+    i = min(hits, key=lambda j: curve[j][1])
+    return 0 < i < len(curve) - 1 and curve[i - 1][1] is not None and curve[i + 1][1] is not None
 
 
 def fitted_exponent(points: list[tuple[float, float]]) -> float | None:
@@ -174,52 +213,69 @@ def fitted_exponent(points: list[tuple[float, float]]) -> float | None:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-def steps_of(result: dict, kind: str) -> list[float | None]:
-    return [steps for (k, _, _), steps in zip(result["configs"], result["steps"]) if k == kind]
+def hits_of(result: dict, kind: str, s: int) -> list[float | None]:
+    return [hits[s] for (k, _, _), hits in zip(result["configs"], result["hits"]) if k == kind]
 
 
-def verdict(result: dict, beta0: float, steps: int, target: float) -> str:
-    def listed(values):
-        return ", ".join(f"not in {steps}" if v is None else f"{v:.0f}" for v in values)
+def summary(result: dict, s: int) -> dict:
+    best = [(lr, b[0]) for lr in result["lrs"] if (b := fastest_gap(sweep_curve(result, lr, s))) is not None]
+    return {"fixed": hits_of(result, "fixed", s), "scaled": hits_of(result, "scaled", s), "best": best,
+            "exponent": fitted_exponent(best),
+            "bracketed": [bracketed(sweep_curve(result, lr, s)) for lr in result["lrs"]]}
 
-    lrs = "/".join(f"{lr:g}" for lr in result["lrs"])
-    best = [(lr, b) for lr in result["lrs"] if (b := fastest_gap(sweep_curve(result, lr))) is not None]
-    exponent = fitted_exponent([(lr, gap) for lr, (gap, _) in best])
-    fixed, scaled = steps_of(result, "fixed"), steps_of(result, "scaled")
-    faster = sum(1 for f, s in zip(fixed[1:], scaled[1:]) if s is not None and (f is None or f > s))
-    sweep = ("no sweep run reached the target" if exponent is None else
-             f"fastest 1-beta in the sweep {', '.join(f'{gap:.2g}' for _, (gap, _) in best)} -> "
-             f"1-beta* ∝ lr^{exponent:.2f} (paper: 2/3)")
-    return (f"mean steps to ||w-w*||^2 < {target:g} over {result['seeds']} noise seeds at lr {lrs}: "
-            f"fixed beta={beta0:g}: {listed(fixed)}; scaled 1-beta ∝ lr^(2/3): {listed(scaled)} "
-            f"(scaled faster at {faster} of {len(fixed) - 1} smaller lrs); {sweep}")
+
+def criteria(result: dict, s: int) -> list[tuple[str, bool]]:
+    m = summary(result, s)
+    a = m["exponent"]
+    faster = all(sc is not None and (f is None or f > sc) for f, sc in zip(m["fixed"][1:], m["scaled"][1:]))
+    return [("scaled beta reaches the target at every lr", None not in m["scaled"]),
+            ("scaled beta reaches it sooner than the fixed beta at every smaller lr", faster),
+            ("every lr's fastest beta is bracketed by the sweep within the budget", all(m["bracketed"])),
+            ("fitted exponent closest to 2/3 among 1/2, 2/3, 1 (in [7/12, 5/6])",
+             a is not None and 7 / 12 <= a <= 5 / 6)]
+
+
+def numbers(result: dict, beta0: float, steps: int, target: float) -> str:
+    stats = [summary(result, s) for s in range(result["seeds"])]
+
+    def column(key, i, fmt=".0f"):
+        values = [m[key][i] for m in stats]
+        missing = sum(v is None for v in values)
+        return mean_spread(values, fmt) + (f" ({missing} not in {steps})" if missing else "")
+
+    lrs = result["lrs"]
+    gaps = ", ".join(mean_spread([dict(m["best"]).get(lr) for m in stats], ".2g") for lr in lrs)
+    exponents = [m["exponent"] for m in stats]
+    fitted = mean_spread(exponents, ".2f")
+    return (f"steps to ||w-w*||^2 < {target:g} at lr {'/'.join(f'{lr:g}' for lr in lrs)}: fixed beta={beta0:g}: "
+            f"{', '.join(column('fixed', i) for i in range(len(lrs)))}; scaled 1-beta ∝ lr^(2/3): "
+            f"{', '.join(column('scaled', i) for i in range(len(lrs)))}; fastest 1-beta in the sweep {gaps} -> "
+            f"1-beta* ∝ lr^a with a = {fitted} (candidates 1/2, 2/3, 1)")
 
 
 def plot(result: dict, beta0: float, out: str) -> str:
     plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
     colors, seeds = {}, result["seeds"]
-    for c, (kind, lr, _) in enumerate(result["configs"]):
-        if kind != "sweep":
-            errors = [float(e[c * seeds]) for _, e in result["curves"]]
-            line, = axes[0].semilogy([s for s, _ in result["curves"]], errors, ls="-" if kind == "scaled" else ":",
-                                     color=colors.get(lr), label=f"{kind}, lr {lr:g}")
-            colors[lr] = line.get_color()
+    shown = [cfg for cfg in result["configs"] if cfg[0] != "sweep"]
+    for c, (kind, lr, _) in enumerate(shown):
+        errors = [float(e[c * seeds]) for _, e in result["curves"]]
+        line, = axes[0].semilogy([s for s, _ in result["curves"]], errors, ls="-" if kind == "scaled" else ":",
+                                 color=colors.get(lr), label=f"{kind}, lr {lr:g}")
+        colors[lr] = line.get_color()
     axes[0].set(xlabel="step", ylabel="||w - w*||^2 (first seed)", title=f"fixed beta={beta0:g} (dotted) vs scaled")
-    best = []
-    for lr in result["lrs"]:
-        points = [(gap, steps) for gap, steps in sweep_curve(result, lr) if steps is not None]
+    lrs = result["lrs"]
+    for lr in lrs:
+        points = [(gap, steps) for gap, steps in sweep_curve(result, lr, 0) if steps is not None]
         if points:
             axes[1].loglog(*zip(*points), "o-", color=colors[lr], label=f"lr {lr:g}")
-        fastest = fastest_gap(sweep_curve(result, lr))
-        if fastest is not None:
-            best.append((lr, fastest[0]))
-    axes[1].set(xlabel="1 - beta", ylabel="mean steps to target", title="beta sweep (missing: not reached)")
-    lrs = result["lrs"]
+    axes[1].set(xlabel="1 - beta", ylabel="steps to target (first seed)", title="beta sweep (missing: not reached)")
     axes[2].loglog(lrs, [1 - b for b in result["scaled_betas"]], "-", color="C0", label="MomentumScaling (2/3)")
     axes[2].loglog(lrs, [1 - beta0] * len(lrs), ":", color="C1", label=f"fixed beta={beta0:g}")
-    if best:
-        axes[2].loglog(*zip(*best), "ks", label="fastest in the sweep")
+    for s in range(seeds):
+        best = summary(result, s)["best"]
+        if best:
+            axes[2].loglog(*zip(*best), "ks", alpha=0.6, label="fastest in the sweep (each seed)" if s == 0 else None)
     axes[2].set(xlabel="lr", ylabel="1 - beta", title="momentum gap vs lr")
     for ax in axes:
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
@@ -231,20 +287,23 @@ def plot(result: dict, beta0: float, out: str) -> str:
 
 def main(argv=None):
     parser = parser_for(__doc__, "outputs/momentum_scaling")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.0025, 0.000625], help="largest first")
+    parser.set_defaults(seeds=3)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.005, 0.0025, 0.00125, 0.000625],
+                        help="largest first")
     parser.add_argument("--beta0", type=float, default=0.99, help="beta at the largest lr (fixed runs and C)")
     parser.add_argument("--sweep-points", type=int, default=11, help="1-beta = 0.1 / sqrt(3)^i, i < this")
-    parser.add_argument("--steps", type=int, default=8000)
-    parser.add_argument("--seeds", type=int, default=3, help="label-noise streams per configuration")
-    parser.add_argument("--label-noise", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=12000, help="budget of every run")
+    parser.add_argument("--label-noise", type=float, default=0.5, help="std of the fresh label noise")
     parser.add_argument("--target", type=float, default=0.1, help="test error ||w - w*||^2 to reach")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.lrs, args.sweep_points, args.steps, args.seeds = [0.01, 0.0025], 3, 300, 1
+        args.lrs, args.sweep_points, args.steps, args.seeds = [0.01, 0.0025], 7, 3000, 1
     result = run(args.lrs, args.beta0, args.sweep_points, args.steps, args.seeds, args.label_noise, args.target,
                  seed=args.seed, out=args.out, use_wandb=args.wandb)
     path = plot(result, args.beta0, args.out)
-    report("momentum_scaling", verdict(result, args.beta0, args.steps, args.target), path)
+    report("momentum_scaling", combine([criteria(result, s) for s in range(args.seeds)]),
+           numbers(result, args.beta0, args.steps, args.target), path,
+           [args.seed + s for s in range(args.seeds)])
 
 
 if __name__ == "__main__":

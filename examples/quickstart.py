@@ -16,10 +16,11 @@ import os
 
 import lightning.pytorch as pl
 import torch
+from digits import digits_loaders
+from phenomena_common import EXTRA_HINT, HelpFormatter
 from torch import nn
 from torch.nn import functional as F
 
-from digits import digits_loaders
 from hildtools.callbacks import (
     EdgeOfStabilityMonitor,
     FeatureRankMonitor,
@@ -84,15 +85,15 @@ def make_logger(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs")
+    parser.add_argument("--lr", type=float, default=0.05, help="lr of SAM's base SGD (momentum 0.9, rho 0.05)")
+    parser.add_argument("--batch-size", type=int, default=64, help="minibatch size")
     parser.add_argument("--every-n-steps", type=int, default=25, help="measurement interval of the monitors")
-    parser.add_argument("--probe-size", type=int, default=256)
+    parser.add_argument("--probe-size", type=int, default=256, help="probe examples of the Hessian monitor")
     parser.add_argument("--out", default="outputs/quickstart", help="folder for logs and figures")
     parser.add_argument("--wandb-online", action="store_true", help="log online (after `wandb login`)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split, initialisation and SAM")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (for the tests)")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -123,7 +124,11 @@ def main(argv=None):
     for key in HEADLINES:
         values = [m.last_metrics[key] for m in monitors if key in m.last_metrics]
         print(f"  {key:42s} {values[0]:.4g}" if values else f"  {key:42s} (not measured)")
-    print(f"\nFigures (PNG): {os.path.join(trainer.log_dir, 'figures')}")
+    figures = os.path.join(trainer.log_dir, "figures")
+    if os.path.isdir(figures) and any(name.endswith(".png") for name in os.listdir(figures)):
+        print(f"\nFigures (PNG): {figures}")
+    else:
+        print(f"\nNo figures written (they need matplotlib: {EXTRA_HINT})")
     if isinstance(logger, pl.loggers.WandbLogger):
         run_dir = os.path.dirname(logger.experiment.dir)
         logger.experiment.finish()

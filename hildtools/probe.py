@@ -15,6 +15,14 @@ BatchNorm mode (``bn_mode``) decides which loss is probed:
 
 The two can differ several-fold in sharpness on BatchNorm networks; the choice is logged nowhere implicitly,
 so set it explicitly when it matters.
+
+Loss, inputs and targets. The default loss is the module's own ``training_step`` on the whole probe batch, exactly as
+training computes it: a Hugging Face model that computes its loss from the batch's ``labels`` gets them. The
+monitors that only run the model forward (features, NTK) call the module on ``unpack(batch)``'s inputs and use its
+targets as labels (:func:`hildtools.batches.default_unpack`): a dict batch reaches the module whole, every entry but
+the targets as a keyword argument (``module(**inputs)``: ``input_ids``, ``attention_mask``, ``token_type_ids``,
+``pixel_values``, ...), so the module's ``forward`` must accept them and return the outputs (logits); without
+``labels`` a Hugging Face model returns logits and no loss.
 """
 
 from __future__ import annotations
@@ -29,78 +37,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _NormBase
 
 from hildtools._checks import check_choice, check_int
-from hildtools.distributed import is_distributed
+from hildtools.batches import (
+    batch_size,
+    concat_batches,
+    default_unpack,
+    map_tensors,
+    slice_batch,
+)
+from hildtools.distributed import is_distributed, unwrap
 
 BN_MODES = ("eval", "train")
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 Unpack = Callable[[Any], tuple]
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module under DistributedDataParallel / DataParallel wrappers (their forward runs collectives)."""
-    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        module = module.module
-    return module
-
-
-def default_unpack(batch: Any) -> tuple:
-    """``(inputs, targets)`` from a ``(x, y, ...)`` tuple/list, a ``{"x"/"input", "y"/"label"/"target"}`` dict,
-    or a bare tensor (targets ``None``)."""
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, Mapping):
-        inputs = next((batch[k] for k in ("x", "input", "inputs", "input_ids") if k in batch), None)
-        targets = next((batch[k] for k in ("y", "label", "labels", "target", "targets") if k in batch), None)
-        if inputs is None:
-            raise ValueError(f"unpack: cannot find the inputs among the batch keys {sorted(batch)}; pass `unpack=`")
-        return inputs, targets
-    if isinstance(batch, (tuple, list)) and len(batch) >= 1:
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    raise TypeError(f"unpack: unsupported batch type {type(batch).__name__}; pass `unpack=`")
-
-
-def map_tensors(fn: Callable[[Tensor], Tensor], batch: Any) -> Any:
-    """Apply ``fn`` to every tensor of a nested tuple/list/dict batch."""
-    if isinstance(batch, Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return type(batch)((k, map_tensors(fn, v)) for k, v in batch.items())
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(map_tensors(fn, v) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(map_tensors(fn, v) for v in batch)
-    return batch
-
-
-def batch_size(batch: Any) -> int:
-    """Leading dimension of the first tensor found in the batch."""
-    if isinstance(batch, Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
-    for item in items:
-        size = batch_size(item)
-        if size:
-            return size
-    return 0
-
-
-def concat_batches(batches: list) -> Any:
-    """Concatenate same-structured batches along dim 0 (non-tensor leaves keep the first batch's value)."""
-    first = batches[0]
-    if isinstance(first, Tensor):
-        return torch.cat(batches) if first.dim() else first
-    if isinstance(first, Mapping):
-        return type(first)((k, concat_batches([b[k] for b in batches])) for k in first)
-    if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(concat_batches(list(parts)) for parts in zip(*batches)))
-    if isinstance(first, (tuple, list)):
-        return type(first)(concat_batches(list(parts)) for parts in zip(*batches))
-    return first
-
-
-def slice_batch(batch: Any, n: int) -> Any:
-    return map_tensors(lambda t: t[:n] if t.dim() else t, batch)
 
 
 @contextlib.contextmanager
@@ -188,7 +137,8 @@ class Probe:
         probe_size: number of examples drawn when ``data`` is ``None`` or an iterable (>= 1).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step`` with logging
             suppressed.
-        unpack: ``unpack(batch) -> (inputs, targets)``; default :func:`default_unpack`.
+        unpack: ``unpack(batch) -> (inputs, targets)`` for the forward-only monitors; default
+            :func:`hildtools.batches.default_unpack` (a dict batch: every entry but the targets, as keyword arguments).
         bn_mode: ``"eval"`` or ``"train"`` (see the module docstring).
 
     Raises:
@@ -216,6 +166,7 @@ class Probe:
         self.bn_mode = bn_mode
         self.batch: Any = None
         self.rank_weight: float | None = None
+        self.math_attention = True  # see session(); False for gradient-only diagnostics (finite differences)
 
     def prepare(self, trainer: Any = None, module: nn.Module | None = None) -> Any:
         """Fix the probe batch (once) and move it to the module's device. Returns it.
@@ -272,8 +223,10 @@ class Probe:
         """Probe mode on the unwrapped ``module``; everything training depends on is restored on exit.
 
         Inside: grad enabled (even under ``inference_mode``), autocast off, dropout off, BatchNorm per ``bn_mode``,
-        and ``scaled_dot_product_attention`` on its math kernel (the fused kernels have no double backward and
-        no vmap rule; the math kernel computes the same function).
+        and, while ``math_attention`` is True (the default), ``scaled_dot_product_attention`` on its math kernel (the
+        fused kernels have no double backward and no vmap rule; the math kernel computes the same function).
+        Diagnostics that need only gradients set ``math_attention = False`` and keep the fused kernels training
+        uses (O(T) instead of O(T^2) memory per head).
         Inference-mode tensors in the probe batch are cloned into normal ones by :meth:`prepare_batch`.
         """
         module = unwrap(module)
@@ -289,7 +242,8 @@ class Probe:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
             stack.enter_context(preserved_rng(device))
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            if self.math_attention:
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             try:
                 module.eval()
                 if self.bn_mode == "train":

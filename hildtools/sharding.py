@@ -4,32 +4,46 @@ Two kinds of fully sharded data parallelism are supported:
 
 - ``"fsdp"``: Lightning's ``FSDPStrategy`` (``torch.distributed.fsdp.FullyShardedDataParallel``, "FSDP1"). The
   LightningModule sits inside a root wrapper and auto-wrapped layers inside their own wrappers, which add
-  ``_fsdp_wrapped_module`` to module names; :func:`clean_name` removes it, so names match the unwrapped model.
+  ``_fsdp_wrapped_module`` to module names; :func:`hildtools.unwrapping.clean_name` removes it, so names match the unwrapped model.
 - ``"fsdp2"``: Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size=1`` and ``fully_shard`` applied in
   ``configure_model`` ("FSDP2"); parameters are sharded ``DTensor``s, module names are unchanged.
 
+The torch-only part (names, tracing through wrappers) is :mod:`hildtools.unwrapping`, which the metrics use.
 Everything here that gathers parameters is a collective: call it on every rank, in the same order.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from torch import fx, nn
+import torch
+from torch import Tensor, nn
 
-try:
-    from torch.distributed.fsdp import FlatParameter, FSDPModule, FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
+from hildtools.unwrapping import (
+    FSDP1_TYPES,
+    FSDP2_TYPES,
+    SHARDED_PARAMETER_TYPES,
+    UnwrappingTracer,
+    clean_name,
+    modules_by_name,
+)
 
-    FSDP1_TYPES: tuple[type, ...] = (FullyShardedDataParallel,)
-    FSDP2_TYPES: tuple[type, ...] = (FSDPModule,)
-    SHARDED_PARAMETER_TYPES: tuple[type, ...] = (DTensor, FlatParameter)
-except ImportError:  # torch built without distributed support: nothing can be sharded
-    FSDP1_TYPES = FSDP2_TYPES = SHARDED_PARAMETER_TYPES = ()
-
-WRAPPER_PREFIX = "_fsdp_wrapped_module"
+__all__ = [  # the names and the tracer live in hildtools.unwrapping (torch only); re-exported here
+    "UnwrappingTracer",
+    "clean_name",
+    "forward_module",
+    "full_parameters",
+    "local_tensor",
+    "model_sharding",
+    "modules_by_name",
+    "redirected_loss",
+    "reshard",
+    "sharded_parameter_type",
+    "sharding",
+    "unsupported_strategy",
+]
 
 
 def sharding(trainer: Any) -> str | None:
@@ -68,15 +82,55 @@ def sharded_parameter_type(parameter: Any) -> str | None:
     return kind.__name__ if kind is not None else None
 
 
-def clean_name(name: str) -> str:
-    """A module or parameter name without FSDP1's ``_fsdp_wrapped_module`` components."""
-    return ".".join(part for part in name.split(".") if part != WRAPPER_PREFIX)
+def model_sharding(model: nn.Module) -> str | None:
+    """``"fsdp"`` when some submodule of ``model`` is an FSDP1 wrapper, ``"fsdp2"`` when one is ``fully_shard``-ed,
+    else ``None``: decided from the model alone, for code that has no trainer (the curvature functions)."""
+    for kind, types in (("fsdp", FSDP1_TYPES), ("fsdp2", FSDP2_TYPES)):
+        if types and any(isinstance(m, types) for m in model.modules()):
+            return kind
+    return None
 
 
-def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
-    """``{clean name: module}``; where an FSDP1 wrapper and the module it wraps share a clean name, the wrapped
-    module (the user's layer) wins."""
-    return {clean_name(name): module for name, module in model.named_modules()}
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module of ``model`` back in its sharded state (a forward without backward leaves the root's
+    parameters gathered, and registered in place of the shards)."""
+    for m in model.modules():
+        if FSDP2_TYPES and isinstance(m, FSDP2_TYPES):
+            m.reshard()
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's part of a parameter or gradient, as a plain tensor sharing its storage (in-place changes reach
+    the parameter): the local shard of a ``DTensor`` (FSDP2); FSDP1's parameters already are their local shards."""
+    with torch.no_grad():
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # DTensor
+    return tensor.detach()
+
+
+def redirected_loss(module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]) -> Callable[[nn.Module, Any], Tensor]:
+    """``loss(root, batch)``: ``loss_fn(module, batch)`` run as the forward of ``root``, the FSDP1 wrapper around
+    ``module``, so that the wrapper gathers its own parameters around it (as Lightning runs ``training_step``)."""
+
+    def restore(saved: Any) -> None:
+        if saved is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = saved
+
+    def loss(root: nn.Module, batch: Any) -> Tensor:
+        saved = module.__dict__.get("forward")  # usually None: forward is the class's method
+
+        def forward(*args: Any, **kwargs: Any) -> Tensor:
+            restore(saved)  # the loss calls the real forward
+            return loss_fn(module, batch)
+
+        module.forward = forward
+        try:
+            return root()
+        finally:
+            restore(saved)
+
+    return loss
 
 
 def forward_module(trainer: Any, module: nn.Module) -> nn.Module:
@@ -95,6 +149,8 @@ def full_parameters(trainer: Any, module: nn.Module) -> Iterator[None]:
     """
     kind = sharding(trainer)
     if kind == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
         with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
             yield
     elif kind == "fsdp2":
@@ -108,21 +164,3 @@ def full_parameters(trainer: Any, module: nn.Module) -> Iterator[None]:
                 m.reshard()
     else:
         yield
-
-
-class UnwrappingTracer(fx.Tracer):
-    """``torch.fx`` tracer that sees through FSDP: FSDP1 wrappers are traced as the module they wrap, FSDP2 layers
-    as their original class, and no module hooks run (FSDP's gathering hooks cannot take symbolic inputs).
-    Node targets keep the raw names (with ``_fsdp_wrapped_module``)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, FSDP1_TYPES):
-            return False
-        cls = next(c for c in type(m).__mro__ if not (FSDP2_TYPES and issubclass(c, FSDP2_TYPES)))
-        return cls.__module__.startswith(("torch.nn", "torch.ao.nn")) and not issubclass(cls, nn.Sequential)
-
-    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        if isinstance(m, FSDP1_TYPES):
-            inner = m.module
-            return self.call_module(inner, inner.forward, args, kwargs)
-        return super().call_module(m, m.forward, args, kwargs)

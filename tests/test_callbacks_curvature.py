@@ -163,7 +163,7 @@ def test_unknown_optimizer_logs_sharpness_only_after_one_warning():
     monitor = EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)
     with pytest.warns(UserWarning, match="no known stability threshold for Rprop"):
         fit(Rprop(), [monitor], steps=2)
-    assert set(monitor.last_metrics) == {"eos/sharpness", "eos/sharpness_err", "eos/num_hvp"}
+    assert set(monitor.last_metrics) == {"eos/sharpness", "eos/sharpness_err", "eos/num_hvp", "eos/seconds"}
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
@@ -207,14 +207,27 @@ class FusedTanh(torch.autograd.Function):
         return TanhGradWithoutDerivative.apply(grad, x)
 
 
-def test_model_without_double_backward_fails_at_fit_start():
-    class Fused(Regression):
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net[2](FusedTanh.apply(self.net[0](x))), y)
+class Fused(Regression):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net[2](FusedTanh.apply(self.net[0](x))), y)
 
-    with pytest.raises(RuntimeError, match="double backward.*twice-differentiable"):
-        fit(Fused(), [HessianEigenMonitor(k=1, every_n_steps=2, probe_size=16)], steps=2)
+
+def test_model_without_double_backward_fails_at_fit_start_with_hvp_autograd():
+    with pytest.raises(RuntimeError, match="double backward.*hvp='finite_difference'"):
+        fit(Fused(), [HessianEigenMonitor(k=1, every_n_steps=2, probe_size=16, hvp="autograd")], steps=2)
+
+
+def test_model_without_double_backward_switches_to_finite_differences():
+    """hvp="auto": one warning at fit start, then the values of the same model without the fused op."""
+    fused, plain = HessianEigenMonitor(k=2, every_n_steps=2, probe_size=16), HessianEigenMonitor(
+        k=2, every_n_steps=2, probe_size=16)
+    with pytest.warns(UserWarning, match="double backward fails.*using finite differences"):
+        fit(Fused(), [fused], steps=2)
+    fit(Regression(), [plain], steps=2)
+    assert (fused.method, plain.method) == ("finite_difference", "autograd")
+    for i in range(2):
+        assert fused.last_metrics[f"hessian/eig_{i}"] == pytest.approx(plain.last_metrics[f"hessian/eig_{i}"], rel=1e-4)
 
 
 @pytest.mark.parametrize("monitor", [HessianEigenMonitor(k=1, every_n_steps=2), InvariantSetMonitor()])
@@ -256,3 +269,60 @@ def test_monitors_on_cuda(precision):
     exact = dense_eigenvalues(module.cpu(), [t.cpu() for t in monitors[0].probe.batch], bn_train=True)
     assert monitors[0].last_metrics["hessian/eig_0"] == pytest.approx(float(exact[0]), rel=1e-3)
     assert math.isfinite(monitors[1].last_metrics["eos/sharpness"])
+
+
+@pytest.mark.parametrize("make", [lambda: HessianEigenMonitor(k=1, every_n_epochs=1, probe_size=16),
+                                  lambda: EdgeOfStabilityMonitor(every_n_epochs=1, probe_size=16)])
+def test_every_n_epochs_alone_measures_at_epoch_ends(make):
+    monitor = make()
+    assert (monitor.every_n_steps, monitor.every_n_epochs) == (None, 1)
+    steps = []
+    measure = monitor.measure
+    monitor.measure = lambda trainer, *args: steps.append(trainer.global_step) or measure(trainer, *args)
+    fit(Regression(), [monitor], steps=-1, max_epochs=2)  # 64 examples in batches of 16: 4 steps an epoch
+    assert steps == [0, 4, 8] if monitor.measure_at_start else steps == [4, 8]
+
+
+def test_curvature_monitors_default_to_every_100_steps():
+    assert (HessianEigenMonitor().every_n_steps, HessianEigenMonitor().every_n_epochs) == (100, None)
+    assert (EdgeOfStabilityMonitor().every_n_steps, EdgeOfStabilityMonitor().every_n_epochs) == (100, None)
+
+
+def test_eos_param_groups_that_differ_raise_instead_of_a_wrong_warning():
+    class TwoGroups(Regression):
+        def configure_optimizers(self):
+            first, second = self.net[0], self.net[-1]
+            return torch.optim.SGD([{"params": first.parameters()}, {"params": second.parameters(), "lr": 0.01}],
+                                   lr=self.lr)
+
+    with pytest.raises(ValueError, match="param_group"):
+        fit(TwoGroups(), [EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)], steps=2)
+    monitor = EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16, param_group=1)
+    fit(TwoGroups(), [monitor], steps=2)
+    assert monitor.last_metrics["eos/threshold"] == pytest.approx(2 / 0.01)
+
+
+def test_eos_with_sam_compares_against_the_base_threshold():
+    from hildtools.optimizers import SAM
+
+    class WithSAM(Regression):
+        def configure_optimizers(self):
+            return SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+
+    monitor = EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)
+    fit(WithSAM(), [monitor], steps=2)
+    assert monitor.last_metrics["eos/threshold"] == pytest.approx(3.8 / 0.1)
+
+
+def test_eos_param_groups_that_diverge_during_training_drop_the_threshold_with_a_warning():
+    class Diverging(Regression):
+        def configure_optimizers(self):
+            groups = [{"params": self.net[0].parameters()}, {"params": self.net[-1].parameters()}]
+            optimizer = torch.optim.SGD(groups, lr=self.lr)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda t: 1.0, lambda t: 0.5**t])
+            return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+    monitor = EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)
+    with pytest.warns(UserWarning, match="no threshold at step 2.*param_group"):
+        trainer = fit(Diverging(), [monitor], steps=2)
+    assert trainer.global_step == 2 and set(monitor.last_metrics) == {"eos/sharpness", "eos/num_hvp", "eos/seconds"}

@@ -151,8 +151,9 @@ class DropoutBN(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize("backend", ["autograd", "func"])
-def test_no_side_effects(backend):
+@pytest.mark.parametrize("backend, hvp", [("autograd", "autograd"), ("func", "autograd"),
+                                          ("autograd", "finite_difference"), ("autograd", "auto")])
+def test_no_side_effects(backend, hvp):
     """Parameters, .grad, buffers (BatchNorm statistics), modes and the global RNG are bitwise unchanged."""
     torch.manual_seed(0)
     model = DropoutBN().double().train()
@@ -164,7 +165,7 @@ def test_no_side_effects(backend):
     grad_objects = [p.grad for p in model.parameters()]
     modes = [m.training for m in model.modules()]
     rng = torch.get_rng_state()
-    operator = HessianOperator(model, cross_entropy, batch, backend=backend)
+    operator = HessianOperator(model, cross_entropy, batch, backend=backend, hvp=hvp)
     first = operator.matvec(torch.ones(operator.size, dtype=torch.float64))
     second = operator.matvec(torch.ones(operator.size, dtype=torch.float64))
     assert torch.equal(first, second)  # one dropout mask, reused: a fixed operator

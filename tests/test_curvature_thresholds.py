@@ -1,11 +1,15 @@
 """stability_threshold and adam_preconditioner: real torch optimizers on 1-D quadratics converge at 0.98x their
 threshold and diverge at 1.02x; Adam's update equals -lr P^{-1} m_t with our P; bad input."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 from hildtools.curvature import adam_preconditioner, stability_threshold
+from hildtools.curvature.thresholds import UnknownThresholdError
 
 SGD_CASES = {
     "plain": {},
@@ -145,3 +149,50 @@ def test_adam_preconditioner_defaults_to_the_optimizer_parameters():
     optimizer.step()
     assert torch.equal(adam_preconditioner(optimizer), adam_preconditioner(optimizer, [p, q]))
     assert adam_preconditioner(optimizer).shape == (5,)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_ngn_threshold_is_the_heavy_ball_threshold_at_its_step_gamma(momentum):
+    from hildtools.optimizers import NGN
+
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = NGN([w], lr=0.5, momentum=momentum)
+    heavy_ball = (2 + 2 * momentum) / (1 - momentum)
+    assert stability_threshold(optimizer) == pytest.approx(heavy_ball / 0.5)  # before a step: gamma <= lr
+    loss = (w**2).sum()
+    loss.backward()
+    optimizer.step(loss=loss)
+    gamma = float(optimizer.param_groups[0]["gamma"])
+    assert 0 < gamma < 0.5
+    assert stability_threshold(optimizer) == pytest.approx(heavy_ball / gamma)
+
+
+def test_sam_gets_its_base_optimizer_threshold():
+    from hildtools.optimizers import SAM
+
+    sam = SAM([nn.Parameter(torch.zeros(1))], torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    assert stability_threshold(sam) == pytest.approx(3.8 / 0.1)
+
+
+def test_ngn_param_group_mismatch_raises_instead_of_unknown_optimizer():
+    from hildtools.optimizers import NGN
+
+    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    optimizer = NGN([{"params": [a]}, {"params": [b], "lr": 0.2}], lr=0.1)
+    with pytest.raises(ValueError, match="differ in lr") as error:
+        stability_threshold(optimizer)
+    assert not isinstance(error.value, UnknownThresholdError)
+    assert stability_threshold(optimizer, param_group=1) == pytest.approx(2 / 0.2)
+
+
+def test_unknown_optimizer_error_is_a_value_error_of_its_own_type():
+    with pytest.raises(UnknownThresholdError):
+        stability_threshold(torch.optim.Rprop([nn.Parameter(torch.zeros(1))]))
+    assert issubclass(UnknownThresholdError, ValueError)
+
+
+def test_thresholds_import_no_optimizer_package():
+    code = ("import sys, hildtools.curvature.thresholds, hildtools.callbacks.edge_of_stability; "
+            "print(sorted(m for m in sys.modules if m.startswith('hildtools.optimizers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

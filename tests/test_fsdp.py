@@ -2,7 +2,8 @@
 ``fully_shard`` (FSDP2). The forward-only and weight-only monitors (neural collapse, feature rank, invariant sets)
 run and equal the functional API on the whole model and the union of the ranks' probe data (as under DDP, tested
 alongside), with unequal probe shards and without changing training; the monitors that differentiate through the
-model, and SAM and NGN, refuse clearly; Lion and Signum train as under DDP."""
+model (NTK; Hessian and edge of stability with hvp="autograd"), and SAM and NGN, refuse clearly; Lion and Signum
+train as under DDP. The Hessian monitors under FSDP (finite differences) are tested in test_fsdp_curvature.py."""
 
 import functools
 import re
@@ -205,8 +206,9 @@ def refused_on_rank(rank, world_size, sharding, name, tensor_parallel):
         module = Net(sharding, NGN)
     else:
         callbacks = [{
-            "hessian": lambda: HessianEigenMonitor(k=1, every_n_steps=2),
-            "eos": lambda: EdgeOfStabilityMonitor(every_n_steps=2),
+            "hessian": lambda: HessianEigenMonitor(k=1, every_n_steps=2, hvp="autograd"),
+            "eos": lambda: EdgeOfStabilityMonitor(every_n_steps=2, hvp="autograd"),
+            "trace": lambda: HessianEigenMonitor(k=1, every_n_steps=2, trace=True),
             "ntk": lambda: NTKAlignmentMonitor(every_n_steps=2),
             "rank": lambda: FeatureRankMonitor(every_n_steps=2),
         }[name]()]  # fmt: skip
@@ -223,8 +225,9 @@ def refused_on_rank(rank, world_size, sharding, name, tensor_parallel):
 
 @pytest.mark.parametrize(
     "sharding, name, tensor_parallel, message",
-    [("fsdp", "hessian", False, "HessianEigenMonitor does not support CPUFSDPStrategy.*double backward"),
-     ("fsdp2", "eos", False, "EdgeOfStabilityMonitor does not support ModelParallelStrategy"),
+    [("fsdp", "hessian", False, "HessianEigenMonitor\\(hvp='autograd'\\) does not support CPUFSDPStrategy.*double backward"),
+     ("fsdp2", "eos", False, "EdgeOfStabilityMonitor\\(hvp='autograd'\\) does not support ModelParallelStrategy"),
+     ("fsdp2", "trace", False, "HessianEigenMonitor\\(trace=True\\) does not support ModelParallelStrategy"),
      ("fsdp", "ntk", False, "NTKAlignmentMonitor does not support.*FeatureRankMonitor"),
      ("fsdp2", "rank", True, "tensor parallelism.*tensor_parallel_size=1"),
      ("fsdp", "sam", False, "SAM does not support CPUFSDPStrategy.*shard's norm"),

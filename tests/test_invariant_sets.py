@@ -199,3 +199,138 @@ def test_bad_arguments():
     for kwargs in ({"vanish_threshold": 0}, {"identical_threshold": -1.0}, {"chunk_size": 0}, {"chunk_size": 2.5}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             invariant_sets(planted_mlp(), **kwargs)
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def gpt2():
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32, n_positions=16)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_gpt2_conv1d_mlp_planted_neurons_counted_exactly():
+    """Conv1D stores (in, out): a neuron is column i of c_fc's weight, c_fc.bias[i] and row i of c_proj's weight."""
+    torch.manual_seed(0)
+    model = gpt2()
+    mlp = model.transformer.h[1].mlp
+    with torch.no_grad():
+        mlp.c_fc.bias.normal_(std=0.02)  # the scale of the weights (init std 0.02)
+        for vanishing in (3, 9):
+            mlp.c_fc.weight[:, vanishing], mlp.c_fc.bias[vanishing], mlp.c_proj.weight[vanishing] = 0, 0, 0
+        for copy in (21, 22, 40):
+            mlp.c_fc.weight[:, copy], mlp.c_fc.bias[copy] = mlp.c_fc.weight[:, 20], mlp.c_fc.bias[20]
+            mlp.c_proj.weight[copy] = mlp.c_proj.weight[20]
+    report = invariant_sets(model)
+    assert set(report.layers) == {"transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"}
+    layer = report.layers["transformer.h.1.mlp.c_fc"]
+    assert layer.consumer == "transformer.h.1.mlp.c_proj"
+    assert summary(layer) == (64, 2, [4], 64 - 2 - 3)
+    assert summary(report.layers["transformer.h.0.mlp.c_fc"]) == (64, 0, [], 64)
+    assert "block's output" in report.skipped["transformer.h.1.mlp.c_proj"]
+    assert "could not trace" in report.skipped["transformer.h.0.attn.c_attn"]
+    assert "lm_head" in report.skipped
+
+
+def test_bert_intermediate_and_output_paired_across_sibling_blocks():
+    torch.manual_seed(1)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=48, num_labels=3)
+    model = transformers.BertForSequenceClassification(config)
+    dense_in, dense_out = model.bert.encoder.layer[0].intermediate.dense, model.bert.encoder.layer[0].output.dense
+    with torch.no_grad():
+        dense_in.bias.normal_(std=0.02)
+        dense_in.weight[5], dense_in.bias[5], dense_out.weight[:, 5] = 0, 0, 0
+        for source, copy in ((1, 2), (10, 11), (10, 30)):
+            dense_in.weight[copy], dense_in.bias[copy] = dense_in.weight[source], dense_in.bias[source]
+            dense_out.weight[:, copy] = dense_out.weight[:, source]
+    report = invariant_sets(model)
+    layer = report.layers["bert.encoder.layer.0.intermediate.dense"]
+    assert layer.consumer == "bert.encoder.layer.0.output.dense"
+    assert summary(layer) == (48, 1, [3, 2], 48 - 1 - 3)
+    assert "residual" in report.skipped["bert.encoder.layer.0.output.dense"]
+    assert "bert.pooler.dense" in report.skipped and "classifier" in report.skipped
+
+
+def test_llama_gated_mlp_neuron_is_gate_row_up_row_down_column():
+    torch.manual_seed(2)
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=40, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        for vanishing in (0, 7, 8):
+            mlp.gate_proj.weight[vanishing], mlp.up_proj.weight[vanishing], mlp.down_proj.weight[:, vanishing] = 0, 0, 0
+        for copy in (13, 14):
+            mlp.gate_proj.weight[copy], mlp.up_proj.weight[copy] = mlp.gate_proj.weight[12], mlp.up_proj.weight[12]
+            mlp.down_proj.weight[:, copy] = mlp.down_proj.weight[:, 12]
+        # same gate row and down column as neuron 20, another up row: not identical (the up row is part of it)
+        mlp.gate_proj.weight[21], mlp.down_proj.weight[:, 21] = mlp.gate_proj.weight[20], mlp.down_proj.weight[:, 20]
+    report = invariant_sets(model)
+    layer = report.layers["model.layers.0.mlp.gate_proj"]
+    assert (layer.consumer, layer.up_projection) == ("model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj")
+    assert summary(layer) == (40, 3, [3], 40 - 3 - 2)
+    assert "gated MLP" in report.skipped["model.layers.0.mlp.up_proj"]
+    assert "model.layers.0.mlp.up_proj" not in report.layers
+
+
+def test_gated_neuron_vectors_match_a_dense_reference():
+    """Nearest distances of a hand-written gated MLP equal those of the explicit vectors [gate, b, up, b | down]."""
+    torch.manual_seed(3)
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(6, 10), nn.Linear(6, 10), nn.Linear(10, 6)
+
+        def forward(self, x):
+            return x + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+    model = nn.Sequential(nn.Linear(6, 6), Gated())
+    block = model[1]
+    vectors = torch.cat([block.gate.weight, block.gate.bias[:, None], block.up.weight, block.up.bias[:, None],
+                         block.down.weight.T], 1).double().detach()
+    sq = vectors.square().sum(1)
+    distance = 2 * (vectors[:, None] - vectors[None]).square().sum(-1) / (sq[:, None] + sq[None])
+    distance.fill_diagonal_(float("inf"))
+    layer = invariant_sets(model).layers["1.gate"]  # the residual add defeats nothing: the block is traced whole
+    torch.testing.assert_close(layer.nearest_distance, distance.min(1).values, rtol=1e-10, atol=1e-12)
+
+
+def test_bilinear_gate_without_activation_is_analysed_once():
+    class Bilinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.down(self.gate(x) * self.up(x))
+
+    report = invariant_sets(Bilinear())
+    assert set(report.layers) == {"gate"} and report.layers["gate"].up_projection == "up"
+    assert "analysed with the gate 'gate'" in report.skipped["up"]
+
+
+def test_invariant_set_monitor_logs_gpt2_mlps():
+    import lightning.pytorch as pl
+
+    from hildtools.callbacks import InvariantSetMonitor
+
+    class LM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = gpt2()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(4)
+    monitor = InvariantSetMonitor(every_n_steps=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 32, (8, 12))), batch_size=4)
+    pl.Trainer(max_steps=1, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False).fit(LM(), loader)
+    assert monitor.last_metrics["collapse/model.transformer.h.0.mlp.c_fc/independent_fraction"] == 1.0
+    assert monitor.last_metrics["collapse/model.transformer.h.1.mlp.c_fc/num_vanishing"] == 0

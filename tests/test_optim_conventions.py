@@ -114,7 +114,8 @@ def test_param_group_with_zero_lr_stays_while_the_other_moves(name):
     data = make_data()
     model = make_model()
     before = copy.deepcopy(model)
-    opt = OPTIMIZERS[name]([{"params": model.net[0].parameters(), "lr": 0.0}, {"params": model.net[2].parameters()}])
+    opt = OPTIMIZERS[name]([{"params": model.net[0].parameters()}, {"params": model.net[2].parameters()}])
+    opt.param_groups[0]["lr"] = 0.0  # as a scheduler may set it (NGN refuses lr=0 at construction)
     train(model, opt, data, 3)
     for p, q in zip(model.net[0].parameters(), before.net[0].parameters(), strict=True):
         assert torch.equal(p, q)
@@ -193,3 +194,26 @@ def test_works_with_an_lr_scheduler(name):
     assert opt.param_groups[0]["lr"] == pytest.approx(lr0 / 8)
     if isinstance(opt, SAM):
         assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(lr0 / 8)
+
+
+def test_grouping_and_foreach_default_match_torch_private_helpers():
+    """_common writes out two private torch.optim helpers with public APIs; where torch still has them,
+    ours agree (grouping by device and dtype in first-appearance order; foreach only on CUDA)."""
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    from hildtools.optimizers._common import by_device_and_dtype, use_foreach
+
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.bfloat16, torch.float64]
+    tensors = [torch.full((2,), float(i), dtype=dtype) for i, dtype in enumerate(dtypes)]
+    others = [t.clone() + 10 for t in tensors]
+
+    def pointers(groups):
+        return {lists[0][0].dtype: [[t.data_ptr() for t in ts] for ts in lists] for lists in groups}
+
+    ours = pointers(by_device_and_dtype(tensors, others))
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype([tensors, others])
+    assert ours == pointers(lists for lists, _ in grouped.values())
+    assert len(ours) == 3
+    params = [torch.nn.Parameter(t) for t in tensors]
+    assert use_foreach(None, params) == _default_to_fused_or_foreach(params, False, False)[1] is False
+    assert use_foreach(True, params) and not use_foreach(False, params)

@@ -1,4 +1,4 @@
-"""Lion against lion-pytorch and the paper's update; fused (compiled) path; bad input."""
+"""Lion against lion-pytorch and the paper's update; compiled path; bad input."""
 
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from lion_pytorch import Lion as PeerLion
 
-from hildtools.optimizers import Lion
+from hildtools.optimizers import Lion, Signum
 
 
 def mlp(dtype, device="cpu"):
@@ -62,12 +62,12 @@ def test_zero_gradient_applies_only_the_decay():
 
 
 @pytest.mark.slow
-def test_fused_path_matches_foreach_and_does_not_recompile_under_a_schedule():
+def test_compiled_path_matches_foreach_and_does_not_recompile_under_a_schedule():
     from torch._dynamo.utils import counters
 
     dtype = torch.float32
     ours, ref = mlp(dtype), mlp(dtype)
-    opt = Lion(ours.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    opt = Lion(ours.parameters(), lr=1e-2, weight_decay=0.1, compiled=True)
     ref_opt = Lion(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=True)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
@@ -87,7 +87,7 @@ def test_cuda_paths_agree(dtype):
     opts = [
         Lion(models[0].parameters(), lr=1e-3, weight_decay=0.1, foreach=False),
         Lion(models[1].parameters(), lr=1e-3, weight_decay=0.1),  # foreach by default on CUDA
-        Lion(models[2].parameters(), lr=1e-3, weight_decay=0.1, fused=True),
+        Lion(models[2].parameters(), lr=1e-3, weight_decay=0.1, compiled=True),
     ]
     for model, opt in zip(models, opts, strict=True):
         run(model, opt, 20, dtype, "cuda")
@@ -119,13 +119,54 @@ def test_cuda_matches_lion_pytorch():
         ({"weight_decay": -0.1}, ValueError, "weight_decay"),
         ({"maximize": 1}, TypeError, "maximize"),
         ({"foreach": "yes"}, TypeError, "foreach"),
-        ({"fused": 1}, TypeError, "fused"),
-        ({"foreach": True, "fused": True}, ValueError, "foreach and fused"),
+        ({"compiled": 1}, TypeError, "compiled"),
+        ({"compiled": None}, TypeError, "compiled"),
+        ({"fused": True}, TypeError, "fused"),  # the old name of compiled=
+        ({"foreach": True, "compiled": True}, ValueError, "foreach and compiled"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         Lion(mlp(torch.float32).parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("name", ["lion", "signum", "signsgd"])
+def test_a_tensor_lr_is_never_read_on_the_host(name, foreach):
+    """Parameters, gradients and lr on the meta device: any host read (float(lr), .item()) raises."""
+    p = torch.nn.Parameter(torch.empty(5, device="meta"))
+    p.grad = torch.empty(5, device="meta")
+    opt = {
+        "lion": lambda: Lion([p], lr=0.1, weight_decay=0.1, foreach=foreach),
+        "signum": lambda: Signum([p], lr=0.1, weight_decay=0.1, nesterov=True, foreach=foreach),
+        "signsgd": lambda: Signum([p], lr=0.1, momentum=0.0, foreach=foreach),
+    }[name]()
+    opt.param_groups[0]["lr"] = torch.tensor(0.05, device="meta")  # as a scheduler writing tensors would
+    opt.step()
+
+
+@pytest.mark.gpu
+def test_cuda_tensor_lr_step_does_not_synchronize():
+    model = mlp(torch.float32, "cuda")
+    opt = Lion(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), weight_decay=0.1)
+    model(torch.randn(8, 16, device="cuda")).square().mean().backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_an_old_state_dict_with_fused_loads_as_compiled():
+    model = mlp(torch.float32)
+    opt = Lion(model.parameters(), lr=1e-3)
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        group["fused"] = group.pop("compiled")
+        del group["maximize"], group["foreach"]
+    opt.load_state_dict(state)
+    assert [(g["compiled"], g["maximize"], g["foreach"]) for g in opt.param_groups] == [(False, False, None)]
+    assert all("fused" not in g for g in opt.param_groups)
 
 
 def test_sparse_gradients_are_refused():

@@ -76,8 +76,12 @@ def test_matches_the_two_pass_reference_for_20_steps(adaptive, eta, foreach):
     opt = SAM(groups, torch.optim.SGD, rho=0.05, adaptive=adaptive, eta=eta, lr=0.05, momentum=0.9,
               weight_decay=5e-4, foreach=foreach)  # fmt: skip
     for step in range(20):
-        loss = opt.step(closure_for(model, opt, *batch(step)))
-        assert loss.requires_grad is False or loss.grad_fn is not None
+        x, y = batch(step)
+        with torch.no_grad():
+            clean_loss = (model(x) - y).square().mean()  # at w, before the step
+        loss = opt.step(closure_for(model, opt, x, y))
+        assert torch.equal(loss.detach(), clean_loss)  # step returns the first (unperturbed) closure's loss
+        assert loss.grad_fn is not None  # and it is the closure's own graph-carrying loss, not a copy
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), reference[name], rtol=0, atol=1e-13)
 

@@ -81,18 +81,20 @@ def test_matches_pytorch_optimizer_sign_sgd(momentum):
 
 
 @pytest.mark.slow
-def test_fused_path_matches_foreach():
+@pytest.mark.parametrize("momentum", [0.0, 0.9])  # 0: signSGD, the stateless form of the core
+def test_compiled_path_matches_foreach(momentum):
     ours, ref = mlp(torch.float32), mlp(torch.float32)
-    run(ours, Signum(ours.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1, fused=True), 10, torch.float32)
-    run(ref, Signum(ref.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1, foreach=True), 10, torch.float32)
+    kwargs = {"lr": 1e-2, "momentum": momentum, "weight_decay": 0.1}
+    run(ours, Signum(ours.parameters(), **kwargs, compiled=True), 10, torch.float32)
+    run(ref, Signum(ref.parameters(), **kwargs, foreach=True), 10, torch.float32)
     assert_same_params(ours, ref, atol=1e-6)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_cuda_fused_matches_foreach(nesterov):
+def test_cuda_compiled_matches_foreach(nesterov):
     models = [mlp(torch.float32).cuda() for _ in range(2)]
-    for model, extra in zip(models, [{"fused": True}, {"foreach": True}], strict=True):
+    for model, extra in zip(models, [{"compiled": True}, {"foreach": True}], strict=True):
         opt = Signum(model.parameters(), lr=1e-2, momentum=0.9, nesterov=nesterov, **extra)
         g = torch.Generator().manual_seed(3)
         for _ in range(10):
@@ -114,7 +116,7 @@ def test_cuda_fused_matches_foreach(nesterov):
         ({"lr": 1e-3, "momentum": 0.0, "nesterov": True}, ValueError, "nesterov"),
         ({"lr": 1e-3, "nesterov": "no"}, TypeError, "nesterov"),
         ({"lr": 1e-3, "maximize": None}, TypeError, "maximize"),
-        ({"lr": 1e-3, "foreach": True, "fused": True}, ValueError, "foreach and fused"),
+        ({"lr": 1e-3, "foreach": True, "compiled": True}, ValueError, "foreach and compiled"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error, match):
@@ -122,6 +124,11 @@ def test_bad_arguments_are_refused(kwargs, error, match):
         Signum(mlp().parameters(), **kwargs)
 
 
-def test_lr_is_required():
-    with pytest.raises(TypeError):
+def test_lr_is_required_in_the_constructor_or_every_group():
+    with pytest.raises(ValueError, match="lr"):
         Signum(mlp().parameters())
+    model = mlp()
+    opt = Signum([{"params": model[0].parameters(), "lr": 1e-3}, {"params": model[2].parameters(), "lr": 2e-3}])
+    assert [group["lr"] for group in opt.param_groups] == [1e-3, 2e-3]
+    with pytest.raises(ValueError, match="lr"):
+        Signum([{"params": model[0].parameters(), "lr": -1.0}])

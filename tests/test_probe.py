@@ -1,6 +1,9 @@
 """The probing mechanism leaves training exactly as it was, in every grad mode Lightning runs hooks under."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -8,8 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hildtools.batches import default_unpack
+from hildtools.callbacks import FeatureRankMonitor
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
-from hildtools.probe import Probe, default_unpack, draw_examples, training_step_loss
+from hildtools.probe import Probe, draw_examples, training_step_loss
+from zoo import make_data, zoo_module
 
 
 def bn_net():
@@ -129,10 +135,55 @@ def test_training_step_loss_silences_logging():
 def test_default_unpack_formats():
     x, y = torch.ones(2, 3), torch.zeros(2)
     assert default_unpack((x, y))[1] is y
-    assert default_unpack({"input": x, "labels": y})[0] is x
+    assert default_unpack({"input": x, "labels": y})[0] is x  # a lone x/input/inputs entry goes positionally
     assert default_unpack(x) == (x, None)
+    mask, types = torch.ones(2, 3), torch.zeros(2, 3)
+    inputs, targets = default_unpack({"input_ids": x, "attention_mask": mask, "token_type_ids": types, "labels": y})
+    assert targets is y and list(inputs) == ["input_ids", "attention_mask", "token_type_ids"]
+    assert inputs["input_ids"] is x and inputs["attention_mask"] is mask and inputs["token_type_ids"] is types
+    inputs, targets = default_unpack({"pixel_values": x, "position_ids": mask})
+    assert targets is None and list(inputs) == ["pixel_values", "position_ids"]
+    for key in ("label", "y", "target", "targets"):
+        assert list(default_unpack({"x": x, "mask": mask, key: y})[0]) == ["x", "mask"]  # every target key left out
     with pytest.raises(ValueError, match="unpack"):
-        default_unpack({"pixels": x})
+        default_unpack({"labels": y})
+
+
+def test_math_layers_import_neither_the_probe_nor_lightning():
+    """curvature/ and metrics/ take batch utilities from hildtools.batches, so plain PyTorch loops use them alone."""
+    code = ("import sys, hildtools.curvature, hildtools.metrics, hildtools.optimizers; "
+            "print(sorted(m for m in sys.modules if m in ('hildtools.probe', 'hildtools.callbacks', 'lightning')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.stdout.strip() == "[]"
+
+
+def test_dict_batches_reach_the_model_whole_on_padded_bert():
+    """A padded BERT batch: the probed loss is the training loss of the same batch, and the features the feature
+    monitors probe are the ones training computes (attention_mask and token_type_ids included, labels left out)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    module = zoo_module("bert", dropout=0.0)  # dropout off: training and probing compute the same function
+    batch = next(iter(DataLoader(make_data("bert", 16), batch_size=16)))
+    assert (batch["attention_mask"] == 0).any() and (batch["attention_mask"] == 1).all(dim=1).any()  # padded
+    seen = []
+    handle = module.net.classifier.register_forward_hook(lambda layer, args, out: seen.append(args[0].detach()))
+    training_loss = module.net(**batch).loss  # what the module's training_step returns, in train mode
+    module.net(**{k: v for k, v in batch.items() if k != "attention_mask"})
+    handle.remove()
+    assert not torch.allclose(seen[0], seen[1], rtol=1e-3, atol=1e-4)  # dropping the mask changes the features
+
+    monitor = FeatureRankMonitor(probe_data=batch, layers="net.classifier", every_n_steps=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    probe_batch = monitor.probe.prepare(trainer, module)
+    with monitor.probe.session(module) as probed:
+        loss = monitor.probe.loss(probed, monitor.probe.prepare_batch())
+        capture, targets, logits = monitor.probe_features(trainer, probed, probe_batch)
+    assert torch.allclose(loss, training_loss, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(capture.features["net.classifier"], seen[0], rtol=1e-5, atol=1e-6)
+    assert targets is probe_batch["labels"]
+    assert torch.allclose(logits, module.net(**{k: v for k, v in batch.items() if k != "labels"}).logits,
+                          rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments_name_the_argument():
@@ -229,4 +280,4 @@ def test_non_finite_values_are_dropped_and_the_rest_logged():
     monitor = InfMonitor(every_n_steps=4, probe_size=16, measure_at_start=False)
     with pytest.warns(UserWarning, match=r"non-finite.*test/infinite.*test/nan"):
         fit([monitor], steps=4)
-    assert monitor.last_metrics == {"test/finite": 1.0}
+    assert monitor.last_metrics.keys() == {"test/finite", "test/seconds"} and monitor.last_metrics["test/finite"] == 1.0

@@ -77,6 +77,9 @@ def test_resumed_run_equals_uninterrupted(optimizer, tmp_path):
     for a, b in zip(full_module.state_dict().values(), resumed_module.state_dict().values()):
         assert torch.equal(a, b)
     for full, resumed in zip(full_monitors, resumed_monitors):
-        assert full.last_metrics and full.last_metrics == pytest.approx(resumed.last_metrics, rel=1e-6)
+        full_values, resumed_values = (
+            {k: v for k, v in m.last_metrics.items() if not k.endswith("/seconds")} for m in (full, resumed)
+        )
+        assert full_values and full_values == pytest.approx(resumed_values, rel=1e-6)
     assert torch.allclose(full_monitors[0].init_vectors, resumed_monitors[0].init_vectors.to(torch.float32))
     assert "ntk/init_alignment" in resumed_monitors[2].last_metrics  # K_0 came back from the checkpoint

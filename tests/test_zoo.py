@@ -1,5 +1,6 @@
 """Every monitor and every optimizer on the zoo of user models (MLP, BatchNorm CNN, ResNet, Transformer with SDPA,
-GRU, dict batches); with all six monitors attached, training is bitwise the same as without them."""
+GRU, dict batches); with all six monitors attached, training is bitwise the same as without them. The real
+architectures (ResNet-18, GPT-2, BERT, Llama, ViT) have their own matrix in test_zoo_architectures.py."""
 
 import lightning.pytorch as pl
 import pytest
@@ -14,19 +15,19 @@ from hildtools.callbacks import (
     NTKAlignmentMonitor,
 )
 from hildtools.optimizers import NGN, SAM, Lion, Signum
-from zoo import NUM_CLASSES, ZOO, ZooModule, unpack, zoo_loader
+from zoo import NUM_CLASSES, ZOO, ZooModule, zoo_loader
 
 OPTIMIZERS = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
     "sam": lambda p: SAM(p, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9),
     "ngn": lambda p: NGN(p, lr=0.5),
-    "lion": lambda p: Lion(p, lr=1e-3, weight_decay=0.1),
-    "signum": lambda p: Signum(p, lr=1e-3),
+    "lion": lambda p: Lion(p, lr=1e-2, weight_decay=0.1),
+    "signum": lambda p: Signum(p, lr=1e-2),
 }
 
 
 def all_monitors(every=5, probe=32):
-    shared = dict(every_n_steps=every, probe_size=probe, unpack=unpack)
+    shared = dict(every_n_steps=every, probe_size=probe)  # the default unpack, also for the dict batches
     return [
         HessianEigenMonitor(k=2, max_iter=20, **shared),
         EdgeOfStabilityMonitor(max_iter=20, **shared),
@@ -70,8 +71,22 @@ def test_every_monitor_runs_on_every_zoo_model(name):
         assert all(torch.isfinite(torch.tensor(v)) for v in monitor.last_metrics.values())
 
 
+class LossRecorder(pl.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))  # SAM: the loss of its second (perturbed) pass
+
+
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("name", ZOO)
 def test_every_optimizer_trains_every_zoo_model(name, optimizer):
-    module = fit(name, OPTIMIZERS[optimizer], [], steps=6)
+    """30 steps (about 8 epochs of 64 samples): the mean training loss of the last 5 steps is below 0.8x
+    that of the first 5 (measured: 0.05-0.73 over the 36 pairs; an optimizer that does not move stays near 1)."""
+    recorder = LossRecorder()
+    module = fit(name, OPTIMIZERS[optimizer], [recorder], steps=30)
+    losses = recorder.losses
+    assert len(losses) == 30
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5]), losses
     assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,11 +11,11 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
 from hildtools._checks import check_int
+from hildtools.batches import batch_size as num_examples
+from hildtools.batches import map_tensors
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
-from hildtools.distributed import all_finite, all_reduce_max
+from hildtools.distributed import all_finite, all_reduce_max, unwrap
 from hildtools.metrics.capture import FeatureCapture, check_capture_args
-from hildtools.probe import batch_size as num_examples
-from hildtools.probe import map_tensors, unwrap
 from hildtools.sharding import forward_module, sharding
 
 
@@ -59,7 +59,7 @@ class FeatureMonitor(Monitor):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        check_capture_args(capture, pool, projection_dim)
+        check_capture_args(capture, pool, projection_dim, pools=("avg", "flatten"))
         check_figures(figures)
         check_int("batch_size", batch_size, 1)
         self.layers = [layers] if isinstance(layers, str) else layers
@@ -70,38 +70,51 @@ class FeatureMonitor(Monitor):
     def key_fields(self) -> dict:
         return {"layers": self.layers, "capture": self.capture}
 
-    def feature_capture(self, module: torch.nn.Module) -> FeatureCapture:
-        return FeatureCapture(module, self.layers, self.capture, self.pool, self.projection_dim)
+    def feature_capture(self, module: torch.nn.Module, pool: str | None = None) -> FeatureCapture:
+        return FeatureCapture(module, self.layers, self.capture, pool or self.pool, self.projection_dim)
 
     def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.feature_capture(unwrap(pl_module))  # unknown layer names fail here, before training
 
-    def probe_features(
-        self, trainer: pl.Trainer, module: torch.nn.Module, batch: Any
-    ) -> tuple[FeatureCapture, Any, Tensor | None]:
-        """Forward the probe inputs in chunks; returns the capture, the targets and the stacked outputs.
-
-        Raises :class:`SkipMeasurement` when a captured feature is NaN/inf on any rank.
-        """
+    def probe_chunks(
+        self, trainer: pl.Trainer, module: torch.nn.Module, batch: Any, capture: FeatureCapture
+    ) -> Iterator[tuple[Any, Tensor | None]]:
+        """Forward the probe inputs ``batch_size`` examples at a time with ``capture``'s hooks on; after each
+        chunk yield its targets and the model's output tensor (``.logits`` of a Hugging Face output; None if
+        there is none). ``capture`` then holds the features so far: clear it after each chunk to stream.
+        Nothing is checked for NaN/inf here (no collective per chunk: ranks may hold different numbers)."""
         inputs, targets = self.probe.unpack(batch)
         model = forward_module(trainer, module)
         convert = trainer.precision_plugin.convert_input  # e.g. bf16 inputs for a bf16-true model, as in training
-        chunks = [convert(map_tensors(lambda t: t[start : start + self.batch_size], inputs))
-                  for start in range(0, num_examples(inputs), self.batch_size)]  # fmt: skip
-        padding = self.padding_forwards(trainer, len(chunks))
-        with self.feature_capture(module) as capture, torch.no_grad():
-            outputs = [_call(model, chunk) for chunk in chunks]
+        starts = range(0, num_examples(inputs), self.batch_size)
+        padding = self.padding_forwards(trainer, len(starts))
+        for start in starts:
+            rows = slice(start, start + self.batch_size)
+            with capture, torch.no_grad():
+                output = _call(model, convert(map_tensors(lambda t, rows=rows: t[rows], inputs)))
+            if capture.missing:
+                raise ValueError(
+                    f"{type(self).__name__}: layers {capture.missing} were not called by the model's forward"
+                )
+            yield map_tensors(lambda t, rows=rows: t[rows], targets), _output_tensor(output)
         with torch.no_grad():
             for _ in range(padding):
-                _call(model, chunks[0])
-        missing = [name for name in capture.layers if name not in capture.features]
-        if missing:
-            raise ValueError(f"{type(self).__name__}: layers {missing} were not called by the model's forward")
+                _call(model, convert(map_tensors(lambda t: t[: self.batch_size], inputs)))
+
+    def probe_features(
+        self, trainer: pl.Trainer, module: torch.nn.Module, batch: Any
+    ) -> tuple[FeatureCapture, Any, Tensor | None]:
+        """Forward the whole probe set; returns the capture (all rows), the targets and the stacked outputs.
+
+        Raises :class:`SkipMeasurement` when a captured feature is NaN/inf on any rank.
+        """
+        capture = self.feature_capture(module)
+        outputs = [output for _, output in self.probe_chunks(trainer, module, batch, capture)]
         for name, features in capture.features.items():
             if not all_finite(features):
                 raise SkipMeasurement(f"features of layer {name!r} contain NaN/inf")
-        stacked = torch.cat(outputs) if all(isinstance(out, Tensor) for out in outputs) else None
-        return capture, targets, stacked
+        stacked = torch.cat(outputs) if outputs and all(isinstance(out, Tensor) for out in outputs) else None
+        return capture, self.probe.unpack(batch)[1], stacked
 
     def padding_forwards(self, trainer: pl.Trainer, num_chunks: int) -> int:
         """Under FSDP: the extra forwards this rank runs so every rank runs as many as the rank with most chunks.
@@ -116,4 +129,11 @@ class FeatureMonitor(Monitor):
 
 def _call(model: torch.nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def _output_tensor(output: Any) -> Tensor | None:
+    """The model's output tensor: itself, or the ``logits`` of a Hugging Face ``ModelOutput`` or dict."""
+    if isinstance(output, Mapping):
+        output = output.get("logits")
+    return output if isinstance(output, Tensor) else None
 

@@ -1,17 +1,15 @@
 """EdgeOfStabilityMonitor: sharpness of the probe loss against the optimizer's own stability threshold.
 
 Under full-batch gradient descent, sharpness (the top Hessian eigenvalue) rises until it reaches 2/lr and then
-hovers there (Cohen et al. 2021). The threshold depends on the optimizer (read from its param groups, see
-:func:`hildtools.curvature.stability_threshold`): GD 2/lr, heavy ball (2+2b)/lr, Nesterov (2+2b)/((1+2b) lr),
-Adam/AdamW (2+2b1)/((1-b1) lr). For Adam the sharpness is the preconditioned one, lambda_1(P^-1/2 H P^-1/2), with
-P the diagonal Adam divides by (Cohen et al. 2022). An optimizer wrapping a base one (SAM's ``base_optimizer``) is
-compared against its base optimizer's threshold: SAM's own, lower edge depends on rho and the gradient norm
-(Long & Bartlett 2024), so ``ratio`` then reads "how close to the base optimizer's edge". NGN is gradient descent
-with the self-tuned step gamma (heavy ball with step (1-b) gamma for NGN-M), so its threshold is 2/gamma
-((2+2b)/((1-b) gamma)) at the last step's gamma of the first param group. For optimizers without a known
-threshold (Lion, Signum, Rprop, ...) only the sharpness is logged, after one warning. Logged under ``eos/``: ``sharpness``, ``threshold``,
-``ratio`` (= sharpness / threshold), ``at_edge`` (1 when ``ratio >= edge_ratio``, else 0) and ``sharpness_err``, the
-a-posteriori bound on the sharpness error (:attr:`hildtools.curvature.Eigenpairs.error_bounds`).
+hovers there (Cohen et al. 2021). The threshold depends on the optimizer and comes from
+:func:`hildtools.curvature.stability_threshold` (GD 2/lr, heavy ball, Nesterov, Adam/AdamW, NGN; SAM is compared
+against its base optimizer's threshold, so ``ratio`` then reads "how close to the base optimizer's edge"). For Adam
+the sharpness is the preconditioned one, lambda_1(P^-1/2 H P^-1/2), with P the diagonal Adam divides by (Cohen et
+al. 2022). For optimizers without a known threshold (Lion, Signum, Rprop, ...) only the sharpness is logged, after
+one warning; param groups with different settings raise (choose one with ``param_group``). Logged under ``eos/``:
+``sharpness``, ``threshold``, ``ratio`` (= sharpness / threshold), ``at_edge`` (1 when ``ratio >= edge_ratio``,
+else 0) and ``sharpness_err``, the a-posteriori bound on the sharpness error
+(:attr:`hildtools.curvature.Eigenpairs.error_bounds`).
 
 Cheap by design: top-1 Lanczos warm-started from the previous top eigenvector, on a small probe (see the README
 for its measured overhead). The default ``tol=1e-3`` bounds every measurement's Ritz residual, hence its error, by
@@ -21,19 +19,23 @@ up to 14%: a Ritz value is always low, so ``ratio`` read low exactly at the edge
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from hildtools._checks import check_int, check_positive
+from hildtools._checks import check_int, check_optional_int, check_positive
 from hildtools.callbacks._curvature import CurvatureMonitor
-from hildtools.callbacks._monitor import SkipMeasurement
-from hildtools.curvature import adam_preconditioner, hessian_eigenpairs, stability_threshold
-from hildtools.optimizers import NGN
+from hildtools.callbacks._monitor import SkipMeasurement, default_schedule
+from hildtools.curvature import (
+    adam_preconditioner,
+    hessian_eigenpairs,
+    stability_threshold,
+)
+from hildtools.curvature.thresholds import UnknownThresholdError, unwrap_optimizer
 
 ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -42,7 +44,9 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
     """Track sharpness against the stability threshold of the trainer's optimizer.
 
     Args:
-        every_n_steps: measure after every ``every_n_steps`` optimizer steps (default 100).
+        every_n_steps: measure after every ``every_n_steps`` optimizer steps (default 100 when neither
+            ``every_n_steps`` nor ``every_n_epochs`` is given).
+        every_n_epochs: measure at the end of every ``every_n_epochs`` training epochs instead.
         probe_size: examples in the fixed probe set drawn from the train dataloader at fit start (default 64:
             cheap; a larger probe estimates the full-batch sharpness better, at proportional cost).
         tol: Ritz-residual tolerance, > 0; default 1e-3, which gives the sharpness to 1e-3 relative or better on
@@ -52,12 +56,16 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
             cold).
         edge_ratio: ``at_edge`` is 1 when sharpness >= ``edge_ratio`` x threshold; in (0, 2].
         optimizer_index: which of ``trainer.optimizers`` sets the threshold.
+        param_group: the param group whose settings set the threshold; by default all groups must agree.
         bn_mode: ``"train"`` (default) or ``"eval"``; see :class:`hildtools.probe.Probe`.
         measure_at_start: also measure before the first update (off by default: Adam has no preconditioner yet).
-        **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``every_n_epochs``.
+        hvp: ``"auto"`` (default), ``"autograd"`` or ``"finite_difference"``: how Hessian-vector products are
+            computed, see :class:`hildtools.callbacks._curvature.CurvatureMonitor`.
+        **kwargs: ``probe_data``, ``loss_fn``, ``unpack``.
 
     Raises:
-        ValueError: invalid ``tol``, ``max_iter``, ``edge_ratio`` or shared argument.
+        ValueError: invalid ``tol``, ``max_iter``, ``edge_ratio``, ``param_group`` or shared argument; at fit start,
+            param groups with different settings and no ``param_group``.
 
     Example::
 
@@ -69,25 +77,31 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
     def __init__(
         self,
         *,
-        every_n_steps: int | None = 100,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
         probe_size: int = 64,
         tol: float = 1e-3,
         max_iter: int = 40,
         edge_ratio: float = 0.9,
         optimizer_index: int = 0,
+        param_group: int | None = None,
         bn_mode: str = "train",
         measure_at_start: bool = False,
+        hvp: str = "auto",
         **kwargs: Any,
     ) -> None:
         if check_positive("edge_ratio", edge_ratio) > 2:
             raise ValueError(f"edge_ratio must be in (0, 2], got {edge_ratio!r}")
         check_int("optimizer_index", optimizer_index, 0)
+        check_optional_int("param_group", param_group, 0)
+        every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
             every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, bn_mode=bn_mode,
-            measure_at_start=measure_at_start, **kwargs,
+            measure_at_start=measure_at_start, hvp=hvp, **kwargs,
         )
         self.edge_ratio = float(edge_ratio)
         self.optimizer_index = optimizer_index
+        self.param_group = param_group
         self.vector = None
 
     def optimizer(self, trainer: pl.Trainer) -> torch.optim.Optimizer:
@@ -95,19 +109,15 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         if self.optimizer_index >= len(optimizers):
             raise ValueError(f"optimizer_index={self.optimizer_index} but the trainer has {len(optimizers)} optimizers")
         optimizer = optimizers[self.optimizer_index]
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the user's
-        return getattr(optimizer, "base_optimizer", optimizer)  # SAM: the base optimizer's update rule
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer.optimizer
+        return unwrap_optimizer(optimizer)  # SAM: the base optimizer's update rule
 
-    @staticmethod
-    def threshold(optimizer: torch.optim.Optimizer) -> float | None:
+    def threshold(self, optimizer: torch.optim.Optimizer) -> float | None:
         """The optimizer's stability threshold now, or ``None`` when none is known for it."""
-        if isinstance(optimizer, NGN):
-            group = optimizer.param_groups[0]
-            gamma, momentum = float(group.get("gamma", group["lr"])), float(group["momentum"])
-            return math.inf if gamma == 0 else (2 + 2 * momentum) / ((1 - momentum) * gamma)
         try:
-            return stability_threshold(optimizer)
-        except ValueError:
+            return stability_threshold(optimizer, self.param_group)
+        except UnknownThresholdError:
             return None
 
     def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -125,14 +135,19 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
             if any("exp_avg_sq" not in optimizer.state.get(p, {}) for p in params):
                 raise SkipMeasurement("Adam has taken no step yet, so its preconditioner is undefined")
             preconditioner = adam_preconditioner(optimizer, params)
+        model, loss = self.model_and_loss(trainer, module)
         result = self.guarded(
-            hessian_eigenpairs, module, self.probe.loss, batch, k=1, tol=self.tol, max_iter=self.max_iter,
-            init=self.vector, preconditioner=preconditioner, seed=self.last_step,
+            hessian_eigenpairs, model, loss, batch, k=1, tol=self.tol, max_iter=self.max_iter,
+            init=self.vector, preconditioner=preconditioner, seed=self.last_step, hvp=self.method or self.hvp,
         )
         self.vector = result.eigenvectors
         sharpness = float(result.eigenvalues[0])
         metrics = {"sharpness": sharpness, "sharpness_err": float(result.error_bounds[0]), "num_hvp": result.num_hvp}
-        threshold = self.threshold(optimizer)
+        try:
+            threshold = self.threshold(optimizer)
+        except ValueError as error:  # groups that agreed at fit start diverged (e.g. per-group LR schedules)
+            rank_zero_warn(f"EdgeOfStabilityMonitor: no threshold at step {trainer.global_step}: {error}")
+            threshold = None
         if threshold is not None and math.isfinite(threshold):  # infinite at lr = 0 or NGN's gamma = 0
             ratio = sharpness / threshold
             metrics.update(threshold=threshold, ratio=ratio, at_edge=float(ratio >= self.edge_ratio))

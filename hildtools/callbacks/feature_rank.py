@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from hildtools.callbacks._features import FeatureMonitor, wants_figures
+from hildtools.callbacks._monitor import default_schedule
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.feature_rank import FeatureRank, check_rank_args
 
@@ -60,8 +61,7 @@ class FeatureRankMonitor(FeatureMonitor):
         **kwargs: Any,
     ) -> None:
         check_rank_args(threshold, center)
-        if every_n_steps is None and every_n_epochs is None:
-            every_n_epochs = 1
+        every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, epochs=1)
         super().__init__(
             layers=layers, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size,
             **kwargs,
@@ -74,17 +74,22 @@ class FeatureRankMonitor(FeatureMonitor):
         for name, features in capture.features.items():
             rank = FeatureRank(self.threshold, self.center).to(features.device)
             rank.update(features)
-            metrics.update({f"{name}/{key}": value for key, value in rank.compute().items()})
-            if wants_figures(self.figures, trainer):
-                self.log_spectrum(trainer, name, rank.spectrum)
+            measures = rank.compute()
+            metrics.update({f"{name}/{key}": value for key, value in measures.items()})
+            if wants_figures(self.figures, trainer) and "pca_rank" in measures:
+                self.log_spectrum(trainer, name, rank.spectrum, int(measures["pca_rank"]))
         return metrics
 
-    def log_spectrum(self, trainer: pl.Trainer, name: str, eigenvalues: Any) -> None:
-        figure_axes = new_figure(figsize=(5, 3))
+    def log_spectrum(self, trainer: pl.Trainer, name: str, eigenvalues: Any, pca_rank: int) -> None:
+        """Normalised singular values above 1e-7 (rounding noise below), with ``pca_rank`` marked."""
+        figure_axes = new_figure(figsize=(5, 3), layout="constrained")
         if figure_axes is None or eigenvalues[0] <= 0:
             return
         figure, axes = figure_axes
-        singular = (eigenvalues / eigenvalues[0]).sqrt().clamp_min(1e-12).cpu().numpy()
+        singular = (eigenvalues / eigenvalues[0]).clamp_min(0).sqrt().cpu()
+        singular = singular[singular > 1e-7].numpy()
         axes.semilogy(range(1, len(singular) + 1), singular)
+        axes.axvline(pca_rank, color="C3", linestyle="--", label=f"pca_rank {pca_rank} ({self.threshold:g} energy)")
+        axes.legend(fontsize="x-small")
         axes.set(xlabel="index k", ylabel="s_k / s_1", title=f"{name}: singular values, step {trainer.global_step}")
         log_figure(trainer, f"rank/{name}/spectrum", figure)

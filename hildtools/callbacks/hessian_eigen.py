@@ -19,11 +19,13 @@ import lightning.pytorch as pl
 
 from hildtools._checks import check_int
 from hildtools.callbacks._curvature import CurvatureMonitor
-from hildtools.curvature import HessianOperator, SpectralDensity, subspace_overlap
+from hildtools.callbacks._monitor import default_schedule
+from hildtools.curvature import SpectralDensity, subspace_overlap
 from hildtools.curvature.density import lanczos_quadrature
 from hildtools.curvature.lanczos import lanczos
 from hildtools.curvature.trace import operator_trace
 from hildtools.logging import log_figure, new_figure
+from hildtools.sharding import sharding
 
 
 class HessianEigenMonitor(CurvatureMonitor):
@@ -31,7 +33,9 @@ class HessianEigenMonitor(CurvatureMonitor):
 
     Args:
         k: number of top eigenpairs (>= 1).
-        every_n_steps: measure after every ``every_n_steps`` optimizer steps (default 100).
+        every_n_steps: measure after every ``every_n_steps`` optimizer steps (default 100 when neither
+            ``every_n_steps`` nor ``every_n_epochs`` is given).
+        every_n_epochs: measure at the end of every ``every_n_epochs`` training epochs instead.
         probe_size: examples in the fixed probe set drawn from the train dataloader at fit start.
         tol: relative accuracy of the eigenvalues: Lanczos stops when every Ritz residual is at most
             ``tol * |eigenvalue|`` (a bound on the eigenvalue error), > 0.
@@ -40,7 +44,10 @@ class HessianEigenMonitor(CurvatureMonitor):
         density: also log the spectral density (a picture: W&B image or a PNG file beside the logs).
         bn_mode: ``"train"`` (default: BatchNorm with probe-batch statistics, the loss the optimizer sees) or
             ``"eval"`` (running statistics, PyHessian's convention). The two can differ several-fold.
-        **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``measure_at_start``, ``every_n_epochs``; see
+        hvp: ``"auto"`` (default), ``"autograd"`` or ``"finite_difference"``: how Hessian-vector products are
+            computed, see :class:`hildtools.callbacks._curvature.CurvatureMonitor`. Under FSDP (finite
+            differences) ``trace`` is not supported.
+        **kwargs: ``probe_data``, ``loss_fn``, ``unpack``, ``measure_at_start``; see
             :class:`hildtools.callbacks._monitor.Monitor`.
 
     Raises:
@@ -57,7 +64,8 @@ class HessianEigenMonitor(CurvatureMonitor):
         self,
         k: int = 5,
         *,
-        every_n_steps: int | None = 100,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
         probe_size: int = 256,
         tol: float = 1e-3,
         max_iter: int | None = None,
@@ -65,14 +73,16 @@ class HessianEigenMonitor(CurvatureMonitor):
         trace_samples: int = 30,
         density: bool = False,
         bn_mode: str = "train",
+        hvp: str = "auto",
         **kwargs: Any,
     ) -> None:
         check_int("k", k, 1)
         check_int("trace_samples", trace_samples, 3)
         max_iter = max(60, 10 * k) if max_iter is None else max_iter
+        every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
             every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, min_iter=k,
-            bn_mode=bn_mode, **kwargs,
+            bn_mode=bn_mode, hvp=hvp, **kwargs,
         )
         self.k = k
         self.trace = trace
@@ -84,20 +94,27 @@ class HessianEigenMonitor(CurvatureMonitor):
     def key_fields(self) -> dict:
         return {"k": self.k}
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.trace and sharding(trainer) is not None:
+            raise RuntimeError(f"HessianEigenMonitor(trace=True) does not support {type(trainer.strategy).__name__} "
+                               "yet (XTrace and Hutch++ factorise whole vectors); use trace=False under FSDP")
+
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
-        operator = self.guarded(HessianOperator, module, self.probe.loss, batch)  # one graph for every product
+        operator = self.guarded(self.operator, trainer, module, batch)  # one graph for every product
         on = {"device": operator.device, "dtype": operator.dtype}
+        init = self.vectors if self.vectors is not None and self.vectors.shape[0] == operator.size else None
         result = lanczos(operator.matvec, operator.size, self.k, tol=self.tol, max_iter=self.max_iter,
-                         init=self.vectors, seed=self.last_step, **on)
+                         init=init, seed=self.last_step, inner=operator.inner, **on)
         values, vectors = result.eigenvalues, result.eigenvectors
         metrics = {f"eig_{i}": value for i, value in enumerate(values)}
         metrics.update({f"eig_{i}_err": bound for i, bound in enumerate(result.error_bounds.tolist())})
         metrics["num_hvp"] = result.num_hvp
-        if self.vectors is not None and self.vectors.shape == vectors.shape:
-            metrics["overlap_prev"] = subspace_overlap(vectors, self.vectors)
-        if self.init_vectors is None:
+        if init is not None and init.shape == vectors.shape:
+            metrics["overlap_prev"] = subspace_overlap(vectors, init, inner=operator.inner)
+        if self.init_vectors is None or self.init_vectors.shape[0] != operator.size:
             self.init_vectors = vectors
-        metrics["overlap_init"] = subspace_overlap(vectors, self.init_vectors)
+        metrics["overlap_init"] = subspace_overlap(vectors, self.init_vectors, inner=operator.inner)
         self.vectors = vectors
         if self.trace:
             method = "xtrace" if self.trace_samples >= 4 else "hutch++"  # XTrace needs two pairs of products
@@ -105,17 +122,25 @@ class HessianEigenMonitor(CurvatureMonitor):
                                       seed=self.last_step, matmat=operator.matmat, **on)
             metrics["trace"] = estimate.estimate
         if self.density:
-            density = lanczos_quadrature(operator.matvec, operator.size, seed=self.last_step, **on)
-            self.log_density(trainer, density)
+            density = lanczos_quadrature(operator.matvec, operator.size, seed=self.last_step, inner=operator.inner,
+                                         **on)
+            self.log_density(trainer, density, float(values[0]))
         return metrics
 
-    def log_density(self, trainer: pl.Trainer, density: SpectralDensity) -> None:
-        figure_axes = new_figure(figsize=(5, 3))
+    def log_density(self, trainer: pl.Trainer, density: SpectralDensity, top: float) -> None:
+        """Smoothed density on a log axis spanning 6 decades below its peak (not a numerical floor), with the top
+        eigenvalue from Lanczos marked."""
+        figure_axes = new_figure(figsize=(5, 3), layout="constrained")
         if figure_axes is None:
             return
         figure, axes = figure_axes
         grid, values = density.smooth()
-        axes.semilogy(grid.cpu(), values.cpu().clamp_min(1e-12))
+        axes.semilogy(grid.cpu(), values.cpu())
+        peak = float(values.max())
+        if peak > 0:
+            axes.set_ylim(peak * 1e-6, peak * 2)
+        axes.axvline(top, color="C3", linestyle="--", label=f"top eigenvalue {top:.3g}")
+        axes.legend(fontsize="x-small")
         axes.set(xlabel="eigenvalue", ylabel="density", title=f"Hessian spectrum, step {trainer.global_step}")
         log_figure(trainer, "hessian/density", figure)
 

@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from hildtools.callbacks._features import check_figures, wants_figures
-from hildtools.callbacks._monitor import Monitor
+from hildtools.callbacks._monitor import ScheduledMonitor, default_schedule
+from hildtools.distributed import unwrap
 from hildtools.logging import log_figure, new_figure
-from hildtools.metrics.invariant_sets import LayerInvariantSets, check_invariant_set_args, invariant_sets
+from hildtools.metrics.invariant_sets import (
+    LayerInvariantSets,
+    check_invariant_set_args,
+    invariant_sets,
+)
 from hildtools.sharding import full_parameters
 
 
-class InvariantSetMonitor(Monitor):
+class InvariantSetMonitor(ScheduledMonitor):
     """Track vanishing and identical neurons (Chen, Kunin, Yamamura & Ganguli 2023) per layer.
 
     Args:
@@ -66,12 +70,8 @@ class InvariantSetMonitor(Monitor):
     ) -> None:
         check_invariant_set_args(vanish_threshold, identical_threshold, chunk_size)
         check_figures(figures)
-        if every_n_steps is None and every_n_epochs is None:
-            every_n_epochs = 1
-        super().__init__(
-            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, measure_at_start=measure_at_start,
-            probe_data=torch.zeros(0),  # weights only: no probe data is drawn
-        )  # fmt: skip
+        every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, epochs=1)
+        super().__init__(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, measure_at_start=measure_at_start)
         self.layers = [layers] if isinstance(layers, str) else layers
         self.vanish_threshold, self.identical_threshold = vanish_threshold, identical_threshold
         self.chunk_size = chunk_size
@@ -81,7 +81,8 @@ class InvariantSetMonitor(Monitor):
     def key_fields(self) -> dict:
         return {"layers": self.layers}
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
+    def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        module = unwrap(pl_module)  # weights only: no probe data, nothing of training touched
         with full_parameters(trainer, module):
             report = invariant_sets(module, self.vanish_threshold, self.identical_threshold, self.chunk_size)
         if self.layers is not None:
@@ -101,7 +102,7 @@ class InvariantSetMonitor(Monitor):
         return {f"{layer.name}/{key}": value for layer in layers for key, value in _scalars(layer).items()}
 
     def log_histogram(self, trainer: pl.Trainer, layers: list[LayerInvariantSets]) -> None:
-        figure_axes = new_figure(figsize=(5, 3))
+        figure_axes = new_figure(figsize=(5.5, 3), layout="constrained")
         if figure_axes is None:
             return
         figure, axes = figure_axes
@@ -109,8 +110,10 @@ class InvariantSetMonitor(Monitor):
             distances = layer.nearest_distance[torch.isfinite(layer.nearest_distance)].clamp_min(1e-8).log10()
             if len(distances):
                 axes.hist(distances.cpu().numpy(), bins=40, histtype="step", label=layer.name)
-        axes.axvline(math.log10(self.identical_threshold), color="k", linestyle="--")
-        axes.set(xlabel="log10 nearest-neighbour distance", ylabel="neurons", title=f"step {trainer.global_step}")
+        axes.axvline(math.log10(self.identical_threshold), color="k", linestyle="--",
+                     label=f"identical below {self.identical_threshold:g}")
+        axes.set(xlabel="log10 normalised distance to the nearest neuron", ylabel="neurons",
+                 title=f"distance of each neuron to its nearest twin, step {trainer.global_step}")
         axes.legend(fontsize="x-small")
         log_figure(trainer, "collapse/nearest_distance", figure)
 

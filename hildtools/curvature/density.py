@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from hildtools._checks import check_int, check_positive
 from hildtools.curvature._random import rademacher_vector
 from hildtools.curvature.hvp import HessianOperator, LossFn
-from hildtools.curvature.lanczos import LanczosProcess, MatVec
+from hildtools.curvature.lanczos import Inner, LanczosProcess, MatVec, local_inner
 
 
 @dataclass
@@ -66,21 +66,25 @@ class SpectralDensity:
 
 def lanczos_quadrature(matvec: MatVec, size: int, *, num_probes: int = 1, num_steps: int = 80, seed: int = 0,
                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                       basis_device: torch.device | str | None = None) -> SpectralDensity:
-    """SLQ nodes and weights of the symmetric operator ``matvec`` (``num_probes * num_steps`` products at most).
+                       basis_device: torch.device | str | None = None,
+                       inner: Inner = local_inner) -> SpectralDensity:
+    """SLQ nodes and weights of the symmetric operator ``matvec`` (``num_probes * num_steps`` products at most);
+    ``inner`` as in :func:`hildtools.curvature.lanczos.lanczos` (for sharded vectors ``size`` is the local count).
 
     Raises:
         ValueError: ``num_probes`` or ``num_steps`` below 1.
     """
     check_int("num_probes", num_probes, 1)
-    num_steps = min(check_int("num_steps", num_steps, 1), size)
+    ones = torch.ones(size, device=device, dtype=torch.float64)
+    dimension = size if inner is local_inner else round(inner(ones, ones).item())
+    num_steps = min(check_int("num_steps", num_steps, 1), dimension)
     generator = torch.Generator().manual_seed(seed)
     nodes = torch.zeros(num_probes, num_steps, dtype=torch.float64)
     weights = torch.zeros(num_probes, num_steps, dtype=torch.float64)
     num_hvp = 0
     for row in range(num_probes):
         process = LanczosProcess(matvec, rademacher_vector(size, generator, torch.device(device), dtype),
-                                 basis_device)
+                                 basis_device, inner)
         while process.length < num_steps:
             beta = process.step()
             if beta <= 1e3 * torch.finfo(dtype).eps * max(abs(a) for a in process.alphas):
@@ -102,13 +106,14 @@ def spectral_density(
     seed: int = 0,
     params: Iterable[Tensor] | None = None,
     backend: str = "autograd",
+    hvp: str = "auto",
     dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
 ) -> SpectralDensity:
     """Hessian spectral density of ``loss_fn(model, batch)`` by stochastic Lanczos quadrature.
 
     Args:
-        model, loss_fn, batch, params, backend, dtype: as in :class:`HessianOperator`.
+        model, loss_fn, batch, params, backend, hvp, dtype: as in :class:`HessianOperator`.
         num_probes: independent Rademacher start vectors (density estimates averaged), >= 1.
         num_steps: Lanczos steps per probe, >= 1 (moments up to ``2 num_steps - 1`` are exact per probe).
         seed: seed of the private generator for the probes.
@@ -131,6 +136,7 @@ def spectral_density(
     """
     check_int("num_probes", num_probes, 1)
     check_int("num_steps", num_steps, 1)
-    operator = HessianOperator(model, loss_fn, batch, params=params, backend=backend, dtype=dtype)
+    operator = HessianOperator(model, loss_fn, batch, params=params, backend=backend, hvp=hvp, dtype=dtype)
     return lanczos_quadrature(operator.matvec, operator.size, num_probes=num_probes, num_steps=num_steps, seed=seed,
-                              device=operator.device, dtype=operator.dtype, basis_device=basis_device)
+                              device=operator.device, dtype=operator.dtype, basis_device=basis_device,
+                              inner=operator.inner)

@@ -26,6 +26,7 @@ def hessian_eigenpairs(
     init: Tensor | None = None,
     smallest: bool = False,
     backend: str = "autograd",
+    hvp: str = "auto",
     preconditioner: Tensor | Sequence[Tensor] | None = None,
     params: Iterable[Tensor] | None = None,
     basis_device: torch.device | str | None = None,
@@ -55,6 +56,10 @@ def hessian_eigenpairs(
         backend: ``"autograd"`` (double backward, one graph reused), ``"func"`` (torch.func forward-over-reverse)
             or ``"pyhessian"`` (PyHessian's power iteration, for parity with published numbers; it returns the
             largest-MAGNITUDE eigenvalues and supports no ``params``/``preconditioner``/``init``/``smallest``).
+        hvp: ``"auto"`` (default: double backward where it runs and is exact, finite differences of gradients for
+            sharded models, fused kernels without double backward, ``once_differentiable`` functions; a warning
+            says when it switches), ``"autograd"`` or ``"finite_difference"``; see :class:`HessianOperator`. For a
+            sharded (FSDP) model, eigenvectors are this rank's local shards and every rank must call.
         preconditioner: diagonal ``s``; the eigenpairs are then those of ``S H S``, ``S = diag(s)`` (for Adam,
             ``s = P^{-1/2}`` from :func:`adam_preconditioner` gives ``lambda(P^{-1} H)`` computed symmetrically).
         params: parameters to differentiate (default: all with ``requires_grad``).
@@ -69,8 +74,8 @@ def hessian_eigenpairs(
         ``num_hvp`` and, with ``smallest=True``, ``smallest_eigenvalue``.
 
     Raises:
-        ValueError: ``k < 1``, ``tol <= 0``, ``max_iter < k``, unknown ``backend``, ``k`` above the number of
-            parameters.
+        ValueError: ``k < 1``, ``tol <= 0``, ``max_iter < k``, unknown ``backend`` or ``hvp``, ``k`` above the
+            number of parameters.
         NonFiniteLossError: the loss is NaN or infinite.
 
     Example:
@@ -94,9 +99,10 @@ def hessian_eigenpairs(
         if given:
             raise ValueError(f"backend='pyhessian' does not support {', '.join(given)}; use backend='autograd'")
         return pyhessian_eigenpairs(model, loss_fn, batch, k, tol=tol, max_iter=max_iter or 100)
-    operator = HessianOperator(model, loss_fn, batch, params=params, backend=backend,
+    operator = HessianOperator(model, loss_fn, batch, params=params, backend=backend, hvp=hvp,
                                preconditioner=preconditioner, dtype=dtype)
-    if k > operator.size:
-        raise ValueError(f"k must be at most the number of parameters ({operator.size}), got {k}")
+    if k > operator.dimension:
+        raise ValueError(f"k must be at most the number of parameters ({operator.dimension}), got {k}")
     return lanczos(operator.matvec, operator.size, k, tol=tol, max_iter=max_iter, init=init, smallest=smallest,
-                   basis_device=basis_device, seed=seed, device=operator.device, dtype=operator.dtype)
+                   basis_device=basis_device, seed=seed, device=operator.device, dtype=operator.dtype,
+                   inner=operator.inner)

@@ -5,14 +5,21 @@ respect to ``params`` (default: every parameter with ``requires_grad``), flatten
 order; vectors have ``size = sum(p.numel())`` entries. With a diagonal preconditioner ``s`` the operator is the
 symmetric ``v -> s * H(s * v)``, i.e. ``S H S`` with ``S = diag(s)``.
 
+Products come from double backward (``hvp="autograd"``, exact) or from gradients alone (``hvp="finite_difference"``,
+:mod:`hildtools.curvature.finite_difference`); ``hvp="auto"`` picks (see :class:`HessianOperator`).
+
 The model is evaluated as it is (train/eval modes are the caller's business) but nothing about it changes:
 ``.grad`` is never touched (``torch.autograd.grad`` only), buffers such as BatchNorm running statistics are
 read from copies, and the global RNG streams are restored (a train-mode dropout mask is drawn once and reused).
+Sharded models (FSDP1 wrappers, FSDP2 ``fully_shard``) are the exception: their forward needs their own parameter
+tensors, so finite differences shift the local shards in place and restore them, and every ``.grad``, bitwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -21,10 +28,27 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hildtools._checks import check_choice
-from hildtools.distributed import all_finite, all_reduce_mean
-from hildtools.probe import map_tensors, unwrap
+from hildtools.batches import map_tensors
+from hildtools.curvature._random import gaussian_vector
+from hildtools.curvature.finite_difference import (
+    InPlaceGradient,
+    central_differences,
+    extrapolated,
+    finite_difference_step,
+)
+from hildtools.curvature.lanczos import local_inner
+from hildtools.distributed import all_finite, all_reduce_mean, sharded_inner, unwrap
+from hildtools.sharding import local_tensor, model_sharding, reshard
 
 HVP_BACKENDS = ("autograd", "func")
+HVP_METHODS = ("auto", "autograd", "finite_difference")
+
+AGREEMENT = 1e-2
+"""``hvp="auto"`` keeps double backward when its product on a random direction is within ``AGREEMENT`` (relative)
+of the finite-difference one, or within ten times the finite differences' own error estimate (then the loss is
+not smooth enough for finite differences to judge, e.g. ReLU kinks, and double backward is kept)."""
+
+DOUBLE_BACKWARD_ERRORS = ("derivative for", "differentiate twice", "double backward", "not implemented")
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -66,29 +90,47 @@ def trainable_params(model: nn.Module, params: Iterable[Tensor] | None) -> list[
 class HessianOperator:
     """The Hessian of ``loss_fn(model, batch)`` as a matrix-free symmetric operator on flat parameter vectors.
 
-    With ``backend="autograd"`` (default) the gradient graph ``g = dL/dtheta`` is built once, with
-    ``create_graph=True``, and every product is one extra backward ``d<g, v>/dtheta`` through it (the cheapest
-    way to do many products on one batch). With ``backend="func"`` every product is a fresh forward-over-reverse
-    ``torch.func.jvp(torch.func.grad(L), theta, v)`` (less memory held between products, more compute).
+    How products are computed (``hvp``):
+
+    * ``"autograd"``: double backward. With ``backend="autograd"`` the gradient graph ``g = dL/dtheta`` is built
+      once, with ``create_graph=True``, and every product is one extra backward ``d<g, v>/dtheta`` through it (the
+      cheapest way to do many products on one batch); with ``backend="func"`` every product is a fresh
+      forward-over-reverse ``torch.func.jvp(torch.func.grad(L), theta, v)`` (less memory held, more compute).
+    * ``"finite_difference"``: gradients only, four per product (central differences with Richardson
+      extrapolation, :mod:`hildtools.curvature.finite_difference`); works for sharded models, fused kernels and
+      ``once_differentiable`` functions, assumes a smooth loss. ``last_error`` holds the relative error estimate of
+      the last product.
+    * ``"auto"`` (default): finite differences for sharded (FSDP) models; otherwise one product on a random
+      direction both ways, at construction: double backward is kept when it runs and agrees (see
+      :data:`AGREEMENT`), else finite differences are used, with a one-line warning (double backward missing, e.g.
+      fused attention, or wrong, e.g. a ``once_differentiable`` function dropping second-order terms).
+      ``hvp`` then holds the method chosen.
 
     Computation runs in ``dtype`` (default: the parameters' dtype, fp32 for bf16/fp16 models, whose weights,
     buffers and floating inputs are then upcast), with autocast disabled. Under ``torch.distributed`` every
     product is averaged over ranks, so each rank holds the Hessian of the mean of the per-rank losses (the
-    global mean loss when ranks hold equally many examples); call :meth:`matvec` on every rank.
+    global mean loss when ranks hold equally many examples); call :meth:`matvec` on every rank. For a sharded
+    model vectors are the concatenated local shards of the parameters (``size`` entries on this rank,
+    ``dimension`` in all), :attr:`inner` is the all-reduced inner product and products are in the parameters'
+    own dtype.
 
     Args:
-        model: the module; DistributedDataParallel/DataParallel wrappers are removed.
+        model: the module; DistributedDataParallel/DataParallel wrappers are removed (under FSDP1 pass the root
+            wrapper, whose forward gathers the root's parameters).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         batch: whatever ``loss_fn`` takes, on the model's device.
         params: parameters to differentiate (default: all with ``requires_grad``); order defines the layout.
-        backend: ``"autograd"`` or ``"func"``.
+        backend: ``"autograd"`` or ``"func"``: how double backward is done.
+        hvp: ``"auto"``, ``"autograd"`` or ``"finite_difference"`` (see above).
         preconditioner: diagonal ``s`` (flat, ``size`` entries, or one tensor per parameter): the operator
             becomes ``v -> s * H(s * v)``.
         dtype: dtype of the products (see above).
+        extrapolate: Richardson extrapolation of the finite differences (4 gradients per product, error
+            ``O(h^4)``) or plain central differences (2 gradients, ``O(h^2)``).
 
     Raises:
-        ValueError: unknown ``backend``, no trainable parameters, ``params`` not in the model, a preconditioner
-            of the wrong size, a non-scalar loss.
+        ValueError: unknown ``backend``/``hvp``, ``hvp="autograd"`` for a sharded model, no trainable parameters,
+            ``params`` not in the model, a preconditioner of the wrong size, a non-scalar loss.
         NonFiniteLossError: the loss is NaN or infinite.
 
     Example:
@@ -107,44 +149,113 @@ class HessianOperator:
         *,
         params: Iterable[Tensor] | None = None,
         backend: str = "autograd",
+        hvp: str = "auto",
         preconditioner: Tensor | Sequence[Tensor] | None = None,
         dtype: torch.dtype | None = None,
+        extrapolate: bool = True,
     ) -> None:
         check_choice("backend", backend, HVP_BACKENDS)
+        check_choice("hvp", hvp, HVP_METHODS)
         self.model = unwrap(model)
+        self.sharded = model_sharding(self.model)
+        if self.sharded is not None and hvp == "autograd":
+            raise ValueError(f"hvp='autograd' is impossible for a sharded ({self.sharded}) model: double backward "
+                             "cannot run through sharded parameters; use hvp='finite_difference' or 'auto'")
+        if self.sharded:
+            reshard(self.model)  # so that the registered parameters are the shards
         self.params = trainable_params(self.model, params)
         self.backend = backend
+        self.extrapolate = bool(extrapolate)
         self.device = self.params[0].device
-        self.dtype = compute_dtype(self.params, dtype)
-        self.shapes = [p.shape for p in self.params]
-        self.sizes = [p.numel() for p in self.params]
+        self.local = [local_tensor(p) for p in self.params] if self.sharded else self.params
+        self.dtype = self.local[0].dtype if self.sharded else compute_dtype(self.params, dtype)
+        self.inner = sharded_inner if self.sharded else local_inner
+        self.shapes = [p.shape for p in self.local]
+        self.sizes = [p.numel() for p in self.local]
         self.size = sum(self.sizes)
+        self.dimension = round(self.inner(*[torch.ones(self.size, dtype=torch.float64, device=self.device)] * 2)
+                               .item()) if self.sharded else self.size
         self.num_matvecs = 0
         self.batched = True  # matmat in one batched double backward, until an operation refuses
+        self.last_error: float = math.nan
         names = {id(p): name for name, p in self.model.named_parameters(remove_duplicate=False)}
         if any(id(p) not in names for p in self.params):
             raise ValueError("params must be parameters of model")
         self.names = ["model." + names[id(p)] for p in self.params]
         self.scale = None if preconditioner is None else self._flat_preconditioner(preconditioner)
         self.wrapped = _LossOf(self.model, loss_fn)
+        self.loss_fn = loss_fn
         self.batch = batch
         self.rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
         self.rng_state = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.rng_devices])
-        if backend == "autograd":
-            leaves = [p if p.dtype == self.dtype else p.detach().to(self.dtype).requires_grad_() for p in self.params]
+        self.grads: list | None = None
+        if self.sharded:  # the loss is checked by a first gradient (a forward alone would leave the root gathered)
+            self.gradient_at = InPlaceGradient(self.model, self.loss_fn, self.batch, self.params)
             with self._evaluation():
-                loss = self._loss(leaves)
-                self._check(loss)
-                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            self.leaves = leaves
-            self.grads = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        else:
+                self.gradient_at([torch.zeros(shape, device=self.device) for shape in self.shapes], 0.0)
+            self._check(self.gradient_at.loss.reshape(()))
+            self.hvp = "finite_difference"
+        elif hvp == "finite_difference" or backend == "func":
             with self._evaluation(), torch.no_grad():
                 self._check(self._loss([p.detach().to(self.dtype) for p in self.params]))
+            self.hvp = hvp
+        else:
+            self._build_graph()
+            self.hvp = hvp
+        if self.hvp != "autograd":
+            self._prepare_finite_differences()
+        if self.hvp == "auto":
+            self.hvp = self._choose()
+
+    def _build_graph(self) -> None:
+        leaves = [p if p.dtype == self.dtype else p.detach().to(self.dtype).requires_grad_() for p in self.params]
+        with self._evaluation():
+            loss = self._loss(leaves)
+            self._check(loss)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        self.leaves = leaves
+        self.grads = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def _prepare_finite_differences(self) -> None:
+        """The unperturbed parameters (a copy, in the compute dtype) and their norm, which scales the step."""
+        if self.sharded:
+            theta = torch.cat([t.reshape(-1) for t in self.gradient_at.saved])
+        else:
+            self.theta = [p.detach().to(self.dtype) for p in self.params]
+            theta = torch.cat([t.reshape(-1) for t in self.theta])
+        self.theta_norm = self._norm(theta.double())
+
+    def _norm(self, vector: Tensor) -> float:
+        return math.sqrt(max(self.inner(vector, vector).item(), 0.0))
+
+    def _choose(self) -> str:
+        """``"autograd"`` or ``"finite_difference"`` from one product both ways on a random unit direction."""
+        vector = gaussian_vector(self.size, torch.Generator().manual_seed(0), self.device, self.dtype)
+        vector = vector / self._norm(vector)
+        product, error = extrapolated(*all_reduce_mean(torch.stack(self._differences(vector, extrapolate=True))))
+        try:
+            if self.backend == "autograd" and self.grads is None:
+                self._build_graph()
+            exact = all_reduce_mean(self._exact(vector))
+        except (RuntimeError, NotImplementedError) as failure:
+            message = str(failure).split("\n")[0]
+            if not any(text in message for text in DOUBLE_BACKWARD_ERRORS):
+                raise
+            warnings.warn(f"hvp='auto': double backward fails ({message}); using finite differences", stacklevel=3)
+            self.grads = None
+            return "finite_difference"
+        gap, scale, noise = self._norm(exact - product), self._norm(product), self._norm(error)
+        if gap <= max(AGREEMENT * scale, 10 * noise):
+            return "autograd"
+        warnings.warn(f"hvp='auto': double backward disagrees with finite differences (relative difference "
+                      f"{gap / max(scale, torch.finfo(torch.float64).tiny):.2g}; e.g. a once_differentiable function "
+                      "drops second-order terms); using finite differences", stacklevel=3)
+        self.grads = None
+        return "finite_difference"
 
     def _flat_preconditioner(self, preconditioner: Tensor | Sequence[Tensor]) -> Tensor:
         if not isinstance(preconditioner, Tensor):
-            preconditioner = torch.cat([s.reshape(-1) for s in preconditioner])
+            preconditioner = torch.cat([local_tensor(s).reshape(-1) for s in preconditioner])
         if preconditioner.numel() != self.size:
             raise ValueError(f"preconditioner must have {self.size} entries (one per parameter), "
                              f"got {preconditioner.numel()}")
@@ -181,7 +292,7 @@ class HessianOperator:
             raise NonFiniteLossError(f"the loss is not finite ({loss.item()}); its Hessian is undefined")
 
     def split(self, vector: Tensor) -> list[Tensor]:
-        """A flat vector as one view per parameter, shaped like it."""
+        """A flat vector as one view per parameter (per local shard when sharded), shaped like it."""
         return [part.view(shape) for part, shape in zip(vector.split(self.sizes), self.shapes)]
 
     def matvec(self, vector: Tensor) -> Tensor:
@@ -191,11 +302,14 @@ class HessianOperator:
             raise ValueError(f"vector must have {self.size} entries, got {vector.numel()}")
         if self.scale is not None:
             vector = vector * self.scale
-        product = self._hvp_autograd(vector) if self.backend == "autograd" else self._hvp_func(vector)
+        if self.hvp == "finite_difference":
+            product = self._hvp_finite_difference(vector)
+        else:
+            product = all_reduce_mean(self._exact(vector))
         if self.scale is not None:
             product = product * self.scale
         self.num_matvecs += 1
-        return all_reduce_mean(product)
+        return product
 
     __matmul__ = matvec
 
@@ -205,10 +319,10 @@ class HessianOperator:
         With the autograd backend the whole block goes through one batched double backward
         (``torch.autograd.grad(..., is_grads_batched=True)``, a ``vmap`` over the grad outputs), cheaper per vector
         than ``b`` separate products on small and mid-sized models; if an operation has no batching rule, the
-        columns are multiplied one at a time. The func backend multiplies one column at a time.
+        columns are multiplied one at a time. The func backend and finite differences multiply one column at a time.
         """
         vectors = vectors.to(self.device, self.dtype).reshape(self.size, -1)
-        if self.backend != "autograd" or not self.batched or not self.grads:
+        if self.hvp != "autograd" or self.backend != "autograd" or not self.batched or not self.grads:
             return torch.stack([self.matvec(column) for column in vectors.T], 1)
         scaled = vectors if self.scale is None else vectors * self.scale[:, None]
         try:
@@ -233,6 +347,45 @@ class HessianOperator:
             (torch.zeros(count, n, device=self.device, dtype=self.dtype) if h is None else h.reshape(count, n))
             for h, n in zip(products, self.sizes)
         ], 1)
+
+    def _exact(self, vector: Tensor) -> Tensor:
+        return self._hvp_autograd(vector) if self.backend == "autograd" else self._hvp_func(vector)
+
+    def _hvp_finite_difference(self, vector: Tensor) -> Tensor:
+        differences = self._differences(vector)
+        if self.sharded is None:  # FSDP's backward already averages over ranks
+            differences = tuple(all_reduce_mean(torch.stack(differences)))
+        product, error = extrapolated(*differences)
+        if error is not None:
+            self.last_error = self._norm(error) / max(self._norm(product), torch.finfo(torch.float64).tiny)
+        return product
+
+    def _differences(self, vector: Tensor, extrapolate: bool | None = None) -> tuple[Tensor, ...]:
+        """``(D(h), D(h/2))`` (extrapolated, default ``self.extrapolate``) or ``(D(h),)`` on this rank (before any
+        reduction); zeros for ``v = 0``."""
+        extrapolate = self.extrapolate if extrapolate is None else extrapolate
+        norm = self._norm(vector)
+        if norm == 0:
+            return (torch.zeros_like(vector),) * (2 if extrapolate else 1)
+        pieces = self.split(vector)
+        step = finite_difference_step(self.dtype, self.theta_norm, norm, extrapolate)
+        gradient = self.gradient_at if self.sharded else self._gradient_at
+
+        def at(t: float) -> Tensor:
+            with self._evaluation():
+                return gradient(pieces, t).to(self.dtype)
+
+        coarse, fine = central_differences(at, step, extrapolate)
+        return (coarse,) if fine is None else (coarse, fine)
+
+    def _gradient_at(self, pieces: Sequence[Tensor], t: float) -> Tensor:
+        """``g(theta + t v)`` on perturbed copies of the parameters (the model's own tensors are not touched)."""
+        leaves = [(theta + t * piece).requires_grad_() for theta, piece in zip(self.theta, pieces)]
+        grads = torch.autograd.grad(self._loss(leaves), leaves, allow_unused=True)
+        return torch.cat([
+            (torch.zeros(n, device=self.device, dtype=self.dtype) if g is None else g.reshape(-1))
+            for g, n in zip(grads, self.sizes)
+        ])
 
     def _hvp_autograd(self, vector: Tensor) -> Tensor:
         pieces = self.split(vector)

@@ -13,11 +13,15 @@ subspace is found) comes from a private generator on the CPU, so results do not 
 Precision: the operator products run in the caller's ``dtype`` (the model's), but the basis, the recurrence
 (alpha, beta, re-orthogonalisation) and the eigenproblem of ``T_m`` run in float64 (``BASIS_DTYPE``): an fp32
 recurrence loses orthogonality and stalls near 1e-5 relative, while fp32 products with an fp64 recurrence reach
-the products' own rounding level (about 1e-7 relative). Every inner product and norm goes through :func:`inner`.
+the products' own rounding level (about 1e-7 relative). Every inner product and norm goes through the injectable
+``inner`` (:data:`Inner`), applied to the float64 vectors: under sharding each rank holds its entries of every basis
+vector and ``inner`` all-reduces, so the recurrence's scalars (hence Ritz values, residuals, error bounds and every
+stopping decision) are identical on all ranks.
 
 Error bounds (a posteriori, per returned value, for the eigenvalue ``lambda`` of H nearest ``theta_i``): always
 ``|theta_i - lambda| <= r_i`` (the "residual" bound, rigorous); when the neighbouring Ritz values are converged
-(residual <= ``tol`` relative and <= ``GAP_TRUST`` times their distance) and ``gap_i = min_j (|theta_i - theta_j| - r_j) > r_i`` over those neighbours,
+(residual <= ``tol`` relative and <= ``GAP_TRUST`` times their distance) and
+``gap_i = min_j (|theta_i - theta_j| - r_j) > r_i`` over those neighbours,
 ``|theta_i - lambda| <= r_i^2 / gap_i`` (Kato-Temple, the "gap" bound); plus the products' rounding,
 ``ROUNDING_BOUND * eps(dtype) * max|theta|``. The gap is estimated from the Ritz values, so the gap bound assumes
 that no eigenvalue the Krylov space has not yet seen lies inside it (the assumption behind every Krylov estimate;
@@ -38,6 +42,18 @@ from hildtools._checks import check_int, check_positive
 from hildtools.curvature._random import gaussian_vector
 
 MatVec = Callable[[Tensor], Tensor]
+Inner = Callable[[Tensor, Tensor], Tensor]
+"""``inner(a, b)``: ``a @ b`` contracted over the vector entries (``a``: a vector or rows of vectors, ``b``: a vector or
+columns of vectors). Default :func:`local_inner`; for vectors sharded across ranks, the all-reduced sum of the
+local products (:func:`hildtools.distributed.sharded_inner`), so the full vector is never gathered."""
+
+
+def local_inner(a: Tensor, b: Tensor) -> Tensor:
+    return a @ b
+
+
+def _norm(vector: Tensor, inner: Inner) -> Tensor:
+    return inner(vector, vector).clamp_min(0).sqrt()
 
 BASIS_CHUNK = 8
 """Basis vectors per storage block (the basis grows by blocks, never copied)."""
@@ -100,27 +116,19 @@ class Eigenpairs:
         return iter((self.eigenvalues, self.eigenvectors))
 
 
-def inner(x: Tensor, y: Tensor) -> Tensor:
-    """``x @ y``: every inner product of the recurrence (dots, Gram-Schmidt coefficients, norms) goes through here."""
-    return x @ y
-
-
-def norm(x: Tensor) -> Tensor:
-    """Euclidean norm of a vector, through :func:`inner`."""
-    return inner(x, x).sqrt()
-
-
 class LanczosProcess:
     """The Lanczos recurrence with full two-pass re-orthogonalisation, one operator product per :meth:`step`.
 
-    Products take vectors in ``dtype`` (default ``start.dtype``); the basis and the recurrence are in ``BASIS_DTYPE``. The basis lives
-    on ``basis_device`` (e.g. the CPU, for models whose ``m x size`` basis does not fit next to them); the current
-    and previous vectors stay on the operator's device.
+    Products take vectors in ``dtype`` (default ``start.dtype``); the basis and the recurrence are in
+    ``BASIS_DTYPE``, with inner products through ``inner`` (:data:`Inner`). The basis lives on ``basis_device`` (e.g.
+    the CPU, for models whose ``m x size`` basis does not fit next to them); the current and previous vectors stay
+    on the operator's device.
     """
 
     def __init__(self, matvec: MatVec, start: Tensor, basis_device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 inner: Inner = local_inner, dtype: torch.dtype | None = None) -> None:
         self.matvec = matvec
+        self.inner = inner
         self.size = start.numel()
         self.device, self.dtype = start.device, start.dtype if dtype is None else dtype
         self.basis_device = torch.device(basis_device) if basis_device is not None else self.device
@@ -129,7 +137,7 @@ class LanczosProcess:
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples basis vectors j and j+1; the last is the current residual
         start = start.to(BASIS_DTYPE)
-        self.current = start / norm(start)
+        self.current = start / _norm(start, inner)
         self.previous: Tensor | None = None
 
     def _append(self, vector: Tensor) -> None:
@@ -147,7 +155,7 @@ class LanczosProcess:
         vector = vector.to(self.basis_device, BASIS_DTYPE)
         for _ in range(2):
             for block in self._stored():
-                vector = vector - block.T @ inner(block, vector)
+                vector = vector - block.T @ self.inner(block, vector)
         return vector.to(self.device)
 
     def step(self) -> float:
@@ -155,12 +163,12 @@ class LanczosProcess:
         q = self.current
         self._append(q)
         w = self.matvec(q.to(self.dtype)).to(self.device, BASIS_DTYPE)
-        alpha = inner(w, q).item()
+        alpha = self.inner(w, q).item()
         w = w - alpha * q
         if self.previous is not None:
             w = w - self.betas[-1] * self.previous
         w = self.orthogonalize(w)
-        beta = norm(w).item()
+        beta = _norm(w, self.inner).item()
         self.alphas.append(alpha)
         self.betas.append(beta)
         self.previous = q
@@ -172,7 +180,7 @@ class LanczosProcess:
         vector = self.orthogonalize(vector)
         self.betas[-1] = 0.0
         self.previous = None
-        self.current = vector / norm(vector)
+        self.current = vector / _norm(vector, self.inner)
 
     def tridiagonal(self) -> Tensor:
         """``T_m = Q_m^T H Q_m`` in float64 on the CPU."""
@@ -189,8 +197,12 @@ class LanczosProcess:
             vectors += block.T @ coefficients[start:start + block.shape[0]]
             start += block.shape[0]
         vectors = vectors.to(self.device)
-        norms = torch.stack([norm(column) for column in vectors.T])
-        return (vectors / norms).to(self.dtype)
+        return (vectors / _column_norms(vectors, self.inner)).to(self.dtype)
+
+
+def _column_norms(block: Tensor, inner: Inner) -> Tensor:
+    """Euclidean norms of the columns of ``block`` (``size x j``), from one Gram matrix through ``inner``."""
+    return inner(block.T, block).diagonal().clamp_min(0).sqrt()
 
 
 def error_bounds(theta: Tensor, residuals: Tensor, tol: float, rounding: float) -> tuple[Tensor, tuple[str, ...]]:
@@ -201,6 +213,7 @@ def error_bounds(theta: Tensor, residuals: Tensor, tol: float, rounding: float) 
     values; it is trusted only when those neighbours are converged themselves (``r_j <= tol |theta_j|``): an
     unconverged neighbour lies below (above) the eigenvalue it approximates, so it would overstate the gap. The
     bound is ``r_i^2 / gap_i`` where the gap is trusted and exceeds ``r_i``, else ``r_i``; ``rounding`` is added.
+    Computed from the Ritz values and residuals alone (all-reduced scalars), so identical on every rank.
     """
     bounds, kinds = residuals.clone(), []
     for i in range(len(theta)):
@@ -214,21 +227,24 @@ def error_bounds(theta: Tensor, residuals: Tensor, tol: float, rounding: float) 
     return bounds + rounding, tuple(kinds)
 
 
-def start_vector(size: int, init: Tensor | None, generator: torch.Generator, device: torch.device) -> Tensor:
-    """Random, or a warm start: the sum of the ``init`` columns (previous eigenvectors) plus random noise; unit
-    norm, in ``BASIS_DTYPE``."""
+def start_vector(size: int, init: Tensor | None, generator: torch.Generator, device: torch.device,
+                 inner: Inner = local_inner) -> Tensor:
+    """Random, or a warm start: the sum of the unit ``init`` columns (previous eigenvectors) plus random noise;
+    unit norm, in ``BASIS_DTYPE``."""
     noise = gaussian_vector(size, generator, device, BASIS_DTYPE)
-    noise = noise / norm(noise)
+    noise = noise / _norm(noise, inner)
     if init is None:
         return noise
     if init.numel() % size:
         raise ValueError(f"init must have shape ({size},) or ({size}, j), got {tuple(init.shape)}")
     block = init.detach().reshape(size, -1).to(device, BASIS_DTYPE)
-    warm = sum(column / norm(column) for column in block.T if norm(column) > 0)
-    if not isinstance(warm, Tensor) or not norm(warm) > 0:
+    block = block / _column_norms(block, inner).clamp_min(torch.finfo(BASIS_DTYPE).tiny)
+    warm = block.sum(1)
+    warm_norm = _norm(warm, inner)
+    if not warm_norm > 0:
         return noise
-    warm = warm / norm(warm) + WARM_START_NOISE * noise
-    return warm / norm(warm)
+    warm = warm / warm_norm + WARM_START_NOISE * noise
+    return warm / _norm(warm, inner)
 
 
 def lanczos(
@@ -244,6 +260,7 @@ def lanczos(
     seed: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    inner: Inner = local_inner,
 ) -> Eigenpairs:
     """The k largest (algebraic) eigenpairs of the symmetric operator ``matvec`` on vectors of ``size`` entries.
 
@@ -270,6 +287,8 @@ def lanczos(
         seed: seed of the private generator for the start vector.
         device: device of the vectors passed to ``matvec``.
         dtype: dtype of the vectors passed to ``matvec`` (the basis and recurrence are float64).
+        inner: the inner product (see :data:`Inner`); with sharded vectors ``size`` is this rank's number of
+            entries, every rank must call, and all take the same decisions (every scalar is all-reduced).
 
     Returns:
         :class:`Eigenpairs`.
@@ -278,13 +297,15 @@ def lanczos(
         ValueError: ``k``, ``tol``, ``max_iter`` or ``init`` out of range.
     """
     check_int("k", k, 1)
-    check_int("size", size, k)
+    device = torch.device(device)
+    ones = torch.ones(size, device=device, dtype=torch.float64)
+    dimension = size if inner is local_inner else round(inner(ones, ones).item())
+    check_int("size", dimension, k)
     tol = check_positive("tol", tol)
     max_iter = check_int("max_iter", max(100, 20 * k) if max_iter is None else max_iter, k)
-    max_iter = min(max_iter, size)
-    device = torch.device(device)
+    max_iter = min(max_iter, dimension)
     generator = torch.Generator().manual_seed(seed)
-    process = LanczosProcess(matvec, start_vector(size, init, generator, device), basis_device, dtype)
+    process = LanczosProcess(matvec, start_vector(size, init, generator, device, inner), basis_device, inner, dtype)
     floor = ROUNDING_FLOOR * torch.finfo(dtype).eps
     confirm_at, reference = None, None
     while True:

@@ -19,7 +19,7 @@ from torch import nn
 
 from hildtools.curvature.hvp import LossFn
 from hildtools.curvature.lanczos import Eigenpairs
-from hildtools.probe import unwrap
+from hildtools.distributed import unwrap
 
 
 class _FixedBatchLoss(nn.Module):

@@ -5,19 +5,27 @@ preconditioned curvature, an eigenvalue of ``P^{-1} H``) is below its threshold;
 sharpness up to that threshold and holds it there (edge of stability, Cohen et al. 2021, 2022). With PyTorch's
 update rules (``eta`` the learning rate, ``b`` the momentum):
 
-==========================================  ============================  ==================
-optimizer                                   threshold                     at b = 0.9
-==========================================  ============================  ==================
-SGD                                         ``2 / eta``                   ``2 / eta``
-SGD, momentum b (heavy ball)                ``(2 + 2b) / eta``            ``3.8 / eta``
-SGD, momentum b, dampening d                ``(2 + 2b) / ((1 - d) eta)``
-SGD, Nesterov momentum b                    ``(2 + 2b) / ((1 + 2b) eta)`` ``1.357 / eta``
-Adam / AdamW, betas (b1, b2)                ``(2 + 2b1) / ((1 - b1) eta)`` ``38 / eta``
-==========================================  ============================  ==================
+==============================  ================================  ================
+optimizer                       threshold                         at b = 0.9
+==============================  ================================  ================
+SGD                             ``2 / eta``                       ``2 / eta``
+SGD, momentum b (heavy ball)    ``(2 + 2b) / eta``                ``3.8 / eta``
+SGD, momentum b, dampening d    ``(2 + 2b) / ((1 - d) eta)``
+SGD, Nesterov momentum b        ``(2 + 2b) / ((1 + 2b) eta)``     ``1.357 / eta``
+Adam / AdamW, betas (b1, b2)    ``(2 + 2b1) / ((1 - b1) eta)``    ``38 / eta``
+hildtools NGN (step gamma)      ``2 / gamma``                     ``2 / gamma``
+hildtools NGN-M, momentum b     ``(2 + 2b) / ((1 - b) gamma)``    ``38 / gamma``
+==============================  ================================  ================
 
 Each is the learning rate-curvature product at which an eigenvalue of the two-step iteration matrix reaches -1.
 Weight decay is not included: coupled decay ``wd`` adds ``wd`` to every curvature (compare ``lambda_max + wd``),
 decoupled decay (AdamW) multiplies the threshold by ``1 - eta wd / 2``; both are negligible at usual settings.
+
+NGN is gradient descent with its self-tuned step ``gamma <= lr`` (NGN-M: heavy ball with step ``(1 - b) gamma``);
+the threshold uses the last step's ``gamma`` (``param_group["gamma"]``), or ``lr`` before the first step (a lower
+bound). A wrapper that steps through a ``base_optimizer`` (SAM) gets its base optimizer's threshold: SAM's own,
+lower edge depends on rho and the gradient norm (Long & Bartlett 2024). Optimizers are recognised without importing
+them: torch's by class, hildtools' NGN by its class name and package, wrappers by their ``base_optimizer``.
 """
 
 from __future__ import annotations
@@ -27,7 +35,30 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-SUPPORTED = ("torch.optim.SGD (plain, momentum, dampening, nesterov)", "torch.optim.Adam", "torch.optim.AdamW")
+SUPPORTED = (
+    "torch.optim.SGD (plain, momentum, dampening, nesterov)",
+    "torch.optim.Adam",
+    "torch.optim.AdamW",
+    "hildtools NGN",
+    "wrappers with a base_optimizer (SAM)",
+)
+
+
+class UnknownThresholdError(ValueError):
+    """No stability threshold is known for the optimizer's update rule (other errors mean bad settings)."""
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose update rule sets the threshold: a wrapper's ``base_optimizer`` (SAM), else itself."""
+    while isinstance(getattr(optimizer, "base_optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.base_optimizer
+    return optimizer
+
+
+def _is_ngn(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is (a subclass of) hildtools' NGN; by name, so this module imports no optimizer."""
+    return any(cls.__name__ == "NGN" and cls.__module__.startswith("hildtools.optimizers")
+               for cls in type(optimizer).__mro__)  # fmt: skip
 
 
 def _plain(value: object) -> object:
@@ -60,21 +91,27 @@ def stability_threshold(optimizer: torch.optim.Optimizer, param_group: int | Non
     ``lambda_1(P^{-1/2} H P^{-1/2})`` with ``s = P^{-1/2}`` from :func:`adam_preconditioner`, for Adam/AdamW.
 
     Args:
-        optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (subclasses included).
+        optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (subclasses included), hildtools' ``NGN``, or a
+            wrapper with a ``base_optimizer`` (SAM: the base optimizer's threshold).
         param_group: use this param group; by default all groups (with parameters) must share their settings.
 
     Returns:
         The threshold, a float (``inf`` at ``lr = 0``).
 
     Raises:
-        ValueError: an optimizer with no known threshold, or groups with different settings (both messages
-            name the way out).
+        UnknownThresholdError: (a ValueError) an optimizer with no known threshold; the message names the way out.
+        ValueError: groups with different settings, or a bad ``param_group``.
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
         >>> round(stability_threshold(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)), 9)
         38.0
     """
+    optimizer = unwrap_optimizer(optimizer)
+    if _is_ngn(optimizer):
+        group = _group(optimizer, ("momentum",), param_group)
+        momentum, gamma = float(group["momentum"]), float(group.get("gamma", group["lr"]))
+        return (2 + 2 * momentum) / ((1 - momentum) * gamma) if gamma > 0 else float("inf")
     if isinstance(optimizer, torch.optim.SGD):
         group = _group(optimizer, ("momentum", "dampening", "nesterov"), param_group)
         momentum, dampening = float(group["momentum"]), float(group["dampening"])
@@ -89,7 +126,7 @@ def stability_threshold(optimizer: torch.optim.Optimizer, param_group: int | Non
         beta1 = float(group["betas"][0])
         factor = (2 + 2 * beta1) / (1 - beta1)
     else:
-        raise ValueError(
+        raise UnknownThresholdError(
             f"stability_threshold: no known stability threshold for {type(optimizer).__name__}; supported: "
             f"{', '.join(SUPPORTED)}. For other optimizers compute the sharpness with hessian_eigenpairs and "
             "compare it with a threshold derived for that update rule"

@@ -99,12 +99,13 @@ def hessian_trace(
     seed: int = 0,
     params: Iterable[Tensor] | None = None,
     backend: str = "autograd",
+    hvp: str = "auto",
     dtype: torch.dtype | None = None,
 ) -> TraceEstimate:
     """Estimate ``tr(H)`` of the Hessian of ``loss_fn(model, batch)`` from ``num_samples`` Hessian-vector products.
 
     Args:
-        model, loss_fn, batch, params, backend, dtype: as in :class:`HessianOperator`.
+        model, loss_fn, batch, params, backend, hvp, dtype: as in :class:`HessianOperator`.
         num_samples: Hessian-vector products to spend: >= 4 for XTrace (rounded down to even), >= 3 for Hutch++
             (split in thirds), >= 2 for Hutchinson.
         method: ``"xtrace"`` (default, lowest error at equal cost), ``"hutch++"`` or ``"hutchinson"``.
@@ -114,7 +115,7 @@ def hessian_trace(
         :class:`TraceEstimate` (``estimate``, ``standard_error``, ``num_hvp``, ``method``).
 
     Raises:
-        ValueError: bad ``num_samples``/``method``/``backend``.
+        ValueError: bad ``num_samples``/``method``/``backend``/``hvp``, or a sharded (FSDP) model (not supported).
         NonFiniteLossError: the loss is NaN or infinite.
 
     Example:
@@ -126,6 +127,9 @@ def hessian_trace(
     """
     check_choice("method", method, METHODS)
     check_int("num_samples", num_samples, MIN_SAMPLES[method])
-    operator = HessianOperator(model, loss_fn, batch, params=params, backend=backend, dtype=dtype)
+    operator = HessianOperator(model, loss_fn, batch, params=params, backend=backend, hvp=hvp, dtype=dtype)
+    if operator.sharded:
+        raise ValueError("hessian_trace does not support sharded (FSDP) models yet: XTrace and Hutch++ "
+                         "orthogonalise their sketches with QR factorisations of whole vectors")
     return operator_trace(operator.matvec, operator.size, num_samples=num_samples, method=method, seed=seed,
                           device=operator.device, dtype=operator.dtype, matmat=operator.matmat)

@@ -7,31 +7,37 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Self  # a torch dependency; typing.Self needs Python 3.11
 
-from hildtools.sharding import modules_by_name
+from hildtools._checks import check_choice, check_optional_int
+from hildtools.unwrapping import modules_by_name
 
-_CAPTURES = ("input", "output")
-_POOLS = ("avg", "flatten")
+CAPTURES = ("input", "output")
+POOLS = ("avg", "flatten", "none")
 
 
-def check_capture_args(capture: Any, pool: Any, projection_dim: Any) -> None:
-    """Raise ValueError for a ``capture``, ``pool`` or ``projection_dim`` outside the accepted values."""
-    if capture not in _CAPTURES:
-        raise ValueError(f"`capture` must be one of {_CAPTURES}, got {capture!r}")
-    if pool not in _POOLS:
-        raise ValueError(f"`pool` must be one of {_POOLS}, got {pool!r}")
-    if projection_dim is not None and (
-        isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1
-    ):
-        raise ValueError(f"`projection_dim` must be None or a positive integer, got {projection_dim!r}")
+def check_capture_args(capture: Any, pool: Any, projection_dim: Any, pools: tuple = POOLS) -> None:
+    """Raise ValueError for a ``capture``, ``pool`` (one of ``pools``) or ``projection_dim`` outside the accepted
+    values."""
+    check_choice("capture", capture, CAPTURES)
+    check_choice("pool", pool, pools)
+    check_optional_int("projection_dim", projection_dim, 1)
 
 
 def default_layer(model: nn.Module) -> str:
-    """Name of the last ``nn.Linear`` in ``model.named_modules()`` order (usually the classifier)."""
-    names = [name for name, module in modules_by_name(model).items() if isinstance(module, nn.Linear)]
-    if not names:
+    """The classifier or language-model head: the output embeddings of a Hugging Face model inside ``model``
+    (``get_output_embeddings()``, e.g. GPT-2's ``lm_head``) when it is an ``nn.Linear``, else the last
+    ``nn.Linear`` in ``model.named_modules()`` order."""
+    modules = modules_by_name(model)
+    names = {id(module): name for name, module in modules.items()}
+    for module in modules.values():
+        head = module.get_output_embeddings() if callable(getattr(module, "get_output_embeddings", None)) else None
+        if isinstance(head, nn.Linear) and id(head) in names:
+            return names[id(head)]
+    linears = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+    if not linears:
         raise ValueError("no nn.Linear found in the model: pass `layers` (module names) explicitly")
-    return names[-1]
+    return linears[-1]
 
 
 class FeatureCapture:
@@ -45,7 +51,8 @@ class FeatureCapture:
     Rows: a tensor with more than two dimensions is pooled. For ``nn.Linear`` modules the feature
     dimension is the last one; for every other module it is dim 1 (conv layout ``N, C, *spatial``).
     ``pool="avg"`` (default) averages over the remaining dimensions (global average pooling: D = C
-    for conv maps); ``pool="flatten"`` keeps them (D = C * H * W, the SAM feature-rank setting).
+    for conv maps); ``pool="flatten"`` keeps them (D = C * H * W, the SAM feature-rank setting);
+    ``pool="none"`` keeps the captured shape, e.g. (N, T, D) per-token features of a Linear layer's input.
     With ``projection_dim=k`` and D > k, rows are multiplied by a fixed Gaussian matrix with
     N(0, 1/k) entries drawn from a private generator seeded with ``seed`` (the same matrix at every
     call and on every rank; distances are preserved up to O(1/sqrt(k)) relative error).
@@ -53,11 +60,11 @@ class FeatureCapture:
     Args:
         model: the module to hook.
         layers: a module name (as in ``named_modules()``, FSDP1 wrapper components removed: see
-            :func:`hildtools.sharding.clean_name`), a sequence of names, or ``None`` for the last ``nn.Linear``
+            :func:`hildtools.unwrapping.clean_name`), a sequence of names, or ``None`` for the last ``nn.Linear``
             (see :func:`default_layer`).
         capture: ``"input"`` (first positional argument; default: the classifier's input, i.e.
             the penultimate features) or ``"output"``.
-        pool: ``"avg"`` or ``"flatten"``.
+        pool: ``"avg"``, ``"flatten"`` or ``"none"``.
         projection_dim: optional positive bound on the feature dimension.
         seed: seed of the projection matrices.
 
@@ -98,12 +105,12 @@ class FeatureCapture:
         self._projections: dict[str, Tensor] = {}
         self._handles: list[Any] = []
 
-    def __enter__(self) -> FeatureCapture:
+    def __enter__(self) -> Self:
         for name, module in self._modules.items():
             self._handles.append(module.register_forward_hook(self._hook(name, module)))
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -123,21 +130,28 @@ class FeatureCapture:
 
     def _to_rows(self, name: str, value: Tensor, channels_last: bool) -> Tensor:
         value = value.to(torch.promote_types(value.dtype, torch.float32))
-        if value.dim() > 2:
+        if value.dim() > 2 and self.pool != "none":
             if channels_last:
                 value = value.flatten(1, -2).mean(1) if self.pool == "avg" else value.flatten(1)
             else:
                 value = value.flatten(2).mean(2) if self.pool == "avg" else value.flatten(1)
-        if self.projection_dim is not None and value.shape[1] > self.projection_dim:
-            value = value @ self._projection(name, value)
+        dim = -1 if channels_last or value.dim() == 2 else 1  # the feature dimension
+        if self.projection_dim is not None and value.shape[dim] > self.projection_dim:
+            projection = self._projection(name, value.shape[dim]).to(value.device, value.dtype)
+            value = (value.movedim(dim, -1) @ projection).movedim(-1, dim)
         return value
 
-    def _projection(self, name: str, value: Tensor) -> Tensor:
+    def _projection(self, name: str, num_features: int) -> Tensor:
         if name not in self._projections:
             generator = torch.Generator().manual_seed(self.seed)
-            matrix = torch.randn(value.shape[1], self.projection_dim, generator=generator) / self.projection_dim**0.5
+            matrix = torch.randn(num_features, self.projection_dim, generator=generator) / self.projection_dim**0.5
             self._projections[name] = matrix
-        return self._projections[name].to(value.device, value.dtype)
+        return self._projections[name]
+
+    @property
+    def missing(self) -> list[str]:
+        """Layers with no captured rows (not called since the last :meth:`clear`)."""
+        return [name for name, rows in self._rows.items() if not rows]
 
     @property
     def features(self) -> dict[str, Tensor]:

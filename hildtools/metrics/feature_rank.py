@@ -27,21 +27,21 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from hildtools._checks import (
+    check_choice,
+    check_fraction,
+    check_matrix,
+    check_optional_int,
+)
+
 _CENTERINGS = ("row", "column", None)
 _CHUNK = 1024
 
 
 def check_rank_args(threshold: Any, center: Any) -> None:
     """Raise ValueError for a ``threshold`` outside (0, 1) or an unknown ``center``."""
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold < 1:
-        raise ValueError(f"`threshold` must be a float in (0, 1), got {threshold!r}")
-    if center not in _CENTERINGS:
-        raise ValueError(f"`center` must be one of {_CENTERINGS}, got {center!r}")
-
-
-def _check_features(features: Any) -> None:
-    if not isinstance(features, Tensor) or features.dim() != 2:
-        raise ValueError(f"`features` must be a (N, D) tensor, got {getattr(features, 'shape', type(features))}")
+    check_fraction("threshold", threshold)
+    check_choice("center", center, _CENTERINGS)
 
 
 def _gram_spectrum(features: Tensor, center: str | None) -> Tensor:
@@ -118,7 +118,7 @@ def feature_rank(features: Tensor, threshold: float = 0.99, center: str | None =
         {'pca_rank': 4.0, 'effective_rank': 4.0, 'stable_rank': 4.0}
     """
     check_rank_args(threshold, center)
-    _check_features(features)
+    check_matrix("features", features)
     nonfinite = int((~torch.isfinite(features).all(dim=1)).sum())
     if nonfinite:
         return _warn_nonfinite(nonfinite)
@@ -166,8 +166,7 @@ class FeatureRank(Metric):
     ) -> None:
         super().__init__(**kwargs)
         check_rank_args(threshold, center)
-        if num_features is not None and (not isinstance(num_features, int) or num_features < 1):
-            raise ValueError(f"`num_features` must be None or a positive integer, got {num_features!r}")
+        check_optional_int("num_features", num_features, 1)
         self.threshold, self.center, self.num_features = threshold, center, num_features
         self.spectrum: Tensor | None = None
         if num_features is None:
@@ -180,7 +179,7 @@ class FeatureRank(Metric):
 
     def update(self, features: Tensor) -> None:
         """Add a batch of (N, D) features."""
-        _check_features(features)
+        check_matrix("features", features)
         if self.num_features is not None and features.shape[1] != self.num_features:
             raise ValueError(f"`features` must have {self.num_features} columns, got {features.shape[1]}")
         finite = torch.isfinite(features).all(dim=1)

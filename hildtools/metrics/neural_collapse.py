@@ -8,10 +8,11 @@ class never produces a NaN.
   centred means ``M = [mu_c - mu_G]`` (D x C').
 - ``Sigma_W = 1/N sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T`` (population, N = all samples);
   ``Sigma_B = M M^T / C'``.
-- ``nc1 = Tr(Sigma_W Sigma_B^+) / C'`` (Papyan's definition; his code omits ``/C``). ``Sigma_B`` has
-  rank <= C'-1, so ``nc1 = sum_k v_k^T (M^T Sigma_W M) v_k / lambda_k^2`` over the eigenpairs
-  ``(lambda_k, v_k)`` of the C' x C' Gram ``M^T M`` with ``lambda_k > rtol * lambda_max``: exact,
-  with no D x D pseudo-inverse. If all class means coincide, ``nc1 = inf``.
+- ``nc1 = Tr(Sigma_W Sigma_B^+) / C'`` (Papyan's definition; his code omits ``/C``). With
+  ``M M^T = sum_k lambda_k u_k u_k^T`` (from the smaller of the Grams ``M M^T``, ``M^T M``),
+  ``nc1 = sum_k u_k^T Sigma_W u_k / lambda_k`` over ``lambda_k > rtol * lambda_max``: exact, with no D x D
+  pseudo-inverse and only the diagonal of ``U^T Sigma_W U`` accumulated. If all class means coincide,
+  ``nc1 = inf``.
 - ``nc2_equinorm`` = std_c ||mu_c - mu_G|| / mean_c ||mu_c - mu_G||; ``nc2_equinorm_weights`` the
   same for the classifier rows ``w_c``.
 - ``nc2_equiangular`` = std over pairs c < c' of cos(mu_c - mu_G, mu_c' - mu_G); ``nc2_max_angle``
@@ -27,6 +28,11 @@ class never produces a NaN.
 ``nc1`` and ``nc4`` need the class means before they can look at the samples, so they come from a
 second pass over the same data (see :class:`NeuralCollapse`); :func:`neural_collapse` makes both
 passes over an in-memory tensor.
+
+Samples are rows: features (N, D) with labels (N,), or per-token features (N, T, D) with labels (N, T)
+(every position a sample; Wu & Papyan 2024). ``ignore_index`` leaves rows out (e.g. -100, padding);
+:func:`shift_labels` gives a causal language model's next-token classes. Memory O(C x D): see
+:class:`NeuralCollapse`.
 """
 
 from __future__ import annotations
@@ -38,56 +44,88 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from hildtools._checks import check_fraction, check_ignore_index, check_int, check_shape
+
 _STAT_NAMES = ("counts", "sums", "squares", "scatter", "mismatches", "predicted", "nonfinite")
 _TINY = torch.finfo(torch.float64).tiny
+BLOCK_ELEMENTS = 2**20  # entries of the largest (rows x classes) temporary: distances to class means, class-pair Grams
 
 
 class _Reference(NamedTuple):
-    """Class means of a previous pass: the per-class shift and the basis of the between-class span."""
+    """Class means of a previous pass: the per-class shift and an orthonormal basis of the between-class span."""
 
     means: Tensor  # (C, D): shift r_c of class c (0 for absent classes)
     present: Tensor  # (C,) bool
-    basis: Tensor  # (D, C): centred means r_c - r_G, zero columns for absent classes
+    basis: Tensor  # (D, k), k = min(C, D): orthonormal u_j with M M^T = sum_j lambda_j u_j u_j^T (M: centred means)
+    eigenvalues: Tensor  # (k,): lambda_j (0 for padding columns)
+    spread: Tensor  # (): largest norm of a centred mean
 
 
 def _make_reference(means: Tensor, present: Tensor) -> _Reference:
+    """Reference of the class means: the eigenpairs of M M^T from the smaller of the D x D and C' x C' Grams of the
+    present classes' centred means (cost O(D C' min(D, C'))), padded with zeros to k = min(C, D) columns."""
     means = torch.where(present[:, None], means, 0.0)
-    centre = means[present].mean(0) if bool(present.any()) else means.new_zeros(means.shape[1])
-    basis = torch.where(present[:, None], means - centre, 0.0).T
-    return _Reference(means, present, basis)
-
-
-def _check_num_classes(num_classes: Any) -> None:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}")
-
-
-def _check_rtol(rtol: Any) -> None:
-    if not isinstance(rtol, (int, float)) or not 0 < rtol < 1:
-        raise ValueError(f"`rtol` must be a float in (0, 1), got {rtol!r}")
+    num_classes, num_features = means.shape
+    centred = (means[present] - means[present].mean(0)).T  # M: (D, C')
+    if num_features <= centred.shape[1]:
+        eigenvalues, basis = torch.linalg.eigh(centred @ centred.T)
+    else:  # M = U S V^T: from M^T M = V S^2 V^T, u_j = M v_j / s_j
+        eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred)
+        scale = torch.where(eigenvalues > 0, eigenvalues.clamp_min(_TINY).rsqrt(), 0.0)
+        basis = centred @ vectors * scale
+    k = min(num_classes, num_features)
+    padded_basis, padded_values = means.new_zeros(num_features, k), means.new_zeros(k)
+    padded_basis[:, : basis.shape[1]], padded_values[: len(eigenvalues)] = basis, eigenvalues.clamp_min(0)
+    spread = centred.norm(dim=0).max() if centred.numel() else means.new_zeros(())
+    return _Reference(means, present, padded_basis, padded_values, spread)
 
 
 def _check_inputs(
-    features: Tensor, labels: Tensor, num_classes: int, predictions: Tensor | None, validate: bool
-) -> None:
-    if not isinstance(features, Tensor) or features.dim() != 2:
-        raise ValueError(f"`features` must be a (N, D) tensor, got {getattr(features, 'shape', type(features))}")
-    if not isinstance(labels, Tensor) or labels.shape != features.shape[:1]:
-        raise ValueError(f"`labels` must be a ({features.shape[0]},) tensor, got {getattr(labels, 'shape', labels)}")
+    features: Tensor, labels: Tensor, num_classes: int, predictions: Tensor | None, validate: bool,
+    ignore_index: int | None,
+) -> None:  # fmt: skip
+    if not isinstance(features, Tensor) or features.dim() < 2:
+        shape = getattr(features, "shape", type(features))
+        raise ValueError(f"`features` must be a (N, D) or (N, T, D) tensor, got {shape}")
+    rows = tuple(features.shape[:-1])
+    if not isinstance(labels, Tensor) or tuple(labels.shape) != rows:
+        shape = getattr(labels, "shape", labels)
+        raise ValueError(f"`labels` must be a {rows} tensor (features.shape[:-1]), got {shape}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"`labels` must be an integer tensor, got {labels.dtype}")
     if predictions is not None and (
-        not isinstance(predictions, Tensor)
-        or predictions.shape not in (labels.shape, (labels.shape[0], num_classes))
+        not isinstance(predictions, Tensor) or tuple(predictions.shape) not in (rows, (*rows, num_classes))
     ):
         raise ValueError(
-            f"`predictions` must be class indices ({labels.shape[0]},) or scores ({labels.shape[0]}, {num_classes}),"
+            f"`predictions` must be class indices {rows} or scores {(*rows, num_classes)},"
             f" got {getattr(predictions, 'shape', predictions)}"
         )
-    if validate and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    kept = labels if ignore_index is None else labels[labels != ignore_index]
+    if validate and kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= num_classes):
+        ignored = "" if ignore_index is None else f" (or the ignore_index {ignore_index})"
         raise ValueError(
-            f"`labels` must lie in [0, {num_classes}), got values in [{int(labels.min())}, {int(labels.max())}]"
+            f"`labels` must lie in [0, {num_classes}){ignored}, got values in [{int(kept.min())}, {int(kept.max())}]"
         )
+
+
+def shift_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Next-token classes of a causal language model: ``out[..., t] = labels[..., t + 1]``, last position ignored.
+
+    Hugging Face causal LMs take ``labels = input_ids`` and shift inside the model, so the class of position t
+    (the token its hidden state predicts) is ``labels[t + 1]``; the last position predicts nothing seen.
+    """
+    shifted = torch.full_like(labels, ignore_index)
+    shifted[..., :-1] = labels[..., 1:]
+    return shifted
+
+
+def _nearest_class(h: Tensor, reference: _Reference) -> Tensor:
+    """Index of the nearest present reference class mean of each row, in row blocks (memory O(block x C'))."""
+    classes = reference.present.nonzero().squeeze(1)  # only the C' present classes can be nearest
+    means = reference.means[classes]
+    block = max(1, BLOCK_ELEMENTS // max(1, len(classes)))
+    nearest = [classes[(means.square().sum(1) - 2 * rows @ means.T).argmin(1)] for rows in h.split(block)]
+    return torch.cat(nearest) if nearest else h.new_zeros(0, dtype=torch.long)
 
 
 def _neural_collapse_update(
@@ -96,44 +134,54 @@ def _neural_collapse_update(
     num_classes: int,
     reference: _Reference | None = None,
     predictions: Tensor | None = None,
+    ignore_index: int | None = None,
+    stats: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Sufficient statistics of one batch, in fp64, shifted by the reference class means.
+    """Sufficient statistics of one batch, in fp64, shifted by the reference class means, added in place to
+    ``stats`` (e.g. a Metric's states: no per-batch (C, D) temporaries) or to new zeros.
 
-    Rows with a NaN/inf feature contribute nothing and are counted in ``nonfinite``.
+    ``features`` (..., D) with ``labels`` (...) are taken row by row (token positions included); rows labelled
+    ``ignore_index`` contribute nothing; rows with a NaN/inf feature contribute nothing and are counted in
+    ``nonfinite``.
 
     Returns:
         ``counts`` (C,), ``sums`` (C, D) of ``h - r_y``, ``squares`` (C,) of ``||h - r_y||^2``,
-        ``scatter`` (C, C) = sum of ``p p^T`` with ``p = B^T (h - r_y)`` (zero without a reference),
+        ``scatter`` (k,) = sum of ``(u_j^T (h - r_y))^2`` over the reference basis (zero without a reference),
         ``mismatches`` and ``predicted`` (NCC vs prediction disagreements, rows compared) and
-        ``nonfinite`` (rows skipped).
+        ``nonfinite`` (labelled rows skipped).
     """
-    finite = torch.isfinite(features.detach()).all(dim=1)
-    h = features.detach().to(torch.float64)
-    labels = labels.to(h.device, torch.long)
+    h = features.detach().reshape(-1, features.shape[-1])
+    labels = labels.reshape(-1).to(h.device, torch.long)
+    finite = torch.isfinite(h).all(dim=1)
+    labelled = labels != ignore_index if ignore_index is not None else torch.ones_like(finite)
+    kept = finite & labelled
+    labels = torch.where(labelled, labels, 0)
+    h = torch.where(kept[:, None], h.to(torch.float64), 0.0)
     shift = reference.means[labels] if reference is not None else torch.zeros_like(h)
-    diff = torch.where(finite[:, None], h - shift, 0.0)
-    weight = finite.to(torch.float64)
+    diff = torch.where(kept[:, None], h - shift, 0.0)
+    weight = kept.to(torch.float64)
+    if stats is None:
+        stats = _zero_stats(num_classes, h.shape[1], h.device)
 
-    stats = {
-        "counts": h.new_zeros(num_classes).index_add_(0, labels, weight),
-        "sums": h.new_zeros(num_classes, h.shape[1]).index_add_(0, labels, diff),
-        "squares": h.new_zeros(num_classes).index_add_(0, labels, diff.square().sum(1)),
-        "scatter": h.new_zeros(num_classes, num_classes),
-        "mismatches": h.new_zeros(()),
-        "predicted": h.new_zeros(()),
-        "nonfinite": (~finite).sum().to(torch.float64),
-    }
+    stats["counts"].index_add_(0, labels, weight)
+    stats["sums"].index_add_(0, labels, diff)
+    stats["squares"].index_add_(0, labels, diff.square().sum(1))
+    stats["nonfinite"] += (~finite & labelled).sum()
     if reference is not None:
-        projected = diff @ reference.basis
-        stats["scatter"] = projected.T @ projected
+        stats["scatter"] += (diff @ reference.basis).square().sum(0)
         if predictions is not None:
-            predicted = predictions.argmax(-1) if predictions.dim() == 2 else predictions
-            safe_h = torch.where(finite[:, None], h, 0.0)
-            distances = reference.means.square().sum(1) - 2 * safe_h @ reference.means.T
-            nearest = distances.masked_fill(~reference.present, float("inf")).argmin(1)
-            stats["mismatches"] = ((nearest != predicted.to(h.device)) & finite).sum().to(torch.float64)
-            stats["predicted"] = weight.sum()
+            scores = predictions.dim() == features.dim()  # (..., C) scores, else (...) class indices
+            predicted = (predictions.argmax(-1) if scores else predictions).reshape(-1).to(h.device)
+            stats["mismatches"] += ((_nearest_class(h, reference) != predicted) & kept).sum()
+            stats["predicted"] += weight.sum()
     return stats
+
+
+def _zero_stats(num_classes: int, num_features: int, device: torch.device | None = None) -> dict[str, Tensor]:
+    """Empty fp64 statistics: counts, sums, squares, scatter (k = min(C, D)), mismatches, predicted, nonfinite."""
+    shapes = {"counts": (num_classes,), "sums": (num_classes, num_features), "squares": (num_classes,),
+              "scatter": (min(num_classes, num_features),), "mismatches": (), "predicted": (), "nonfinite": ()}
+    return {name: torch.zeros(shapes[name], dtype=torch.float64, device=device) for name in _STAT_NAMES}
 
 
 def _class_means(stats: dict[str, Tensor], reference: _Reference | None) -> tuple[Tensor, Tensor]:
@@ -150,25 +198,51 @@ def _std_over_mean(values: Tensor) -> Tensor:
     return values.std(correction=0) / values.mean().clamp_min(_TINY)
 
 
-def _pairs(matrix: Tensor) -> Tensor:
-    """Strict upper triangle of a square matrix as a vector (the pairs c < c')."""
-    rows, cols = torch.triu_indices(*matrix.shape, offset=1, device=matrix.device)
-    return matrix[rows, cols]
+def _pair_statistics(centred: Tensor, variances: Tensor) -> dict[str, Tensor]:
+    """NC2 angles and CDNV over the pairs c < c' of centred class means (C', D), in row blocks of the Gram.
+
+    Memory O(block x C') instead of O(C'^2); the std of the cosines merges the blocks' means and squared
+    deviations (Chan et al.), so it does not cancel when the cosines are nearly equal.
+    """
+    num = centred.shape[0]
+    squared = centred.square().sum(1)
+    norms = squared.sqrt()
+    block = max(1, BLOCK_ELEMENTS // num)
+    count, mean, deviations = 0, centred.new_zeros(()), centred.new_zeros(())
+    angle_sum, cdnv_sum = centred.new_zeros(()), centred.new_zeros(())
+    columns = torch.arange(num, device=centred.device)
+    for start in range(0, num - 1, block):
+        rows = columns[start : start + block]
+        gram = centred[rows] @ centred.T
+        upper = columns[None, :] > rows[:, None]
+        cosines = (gram / (norms[rows, None] * norms[None, :]).clamp_min(_TINY))[upper]
+        distances = (squared[rows, None] + squared[None, :] - 2 * gram).clamp_min(0)[upper]
+        pair_variances = (variances[rows, None] + variances[None, :])[upper]
+        block_mean = cosines.mean()
+        block_deviations = (cosines - block_mean).square().sum()
+        total = count + cosines.numel()
+        delta = block_mean - mean
+        deviations = deviations + block_deviations + delta.square() * count * cosines.numel() / total
+        mean, count = mean + delta * cosines.numel() / total, total
+        angle_sum = angle_sum + (cosines + 1 / (num - 1)).abs().sum()
+        cdnv_sum = cdnv_sum + (pair_variances / (2 * distances).clamp_min(_TINY)).sum()
+    return {
+        "nc2_equiangular": (deviations / count).sqrt(),
+        "nc2_max_angle": angle_sum / count,
+        "cdnv": cdnv_sum / count,
+    }
 
 
 def _nc1(stats: dict[str, Tensor], reference: _Reference, present: Tensor, rtol: float) -> Tensor:
-    """Tr(Sigma_W Sigma_B^+)/C' from the scatter projected on the reference's between-class span."""
+    """Tr(Sigma_W Sigma_B^+)/C' = sum_j u_j^T Sigma_W u_j / lambda_j over the reference basis (lambda_j > rtol max)."""
     counts, offsets = stats["counts"][present], stats["sums"][present] / stats["counts"][present, None]
-    basis = reference.basis[:, present]
-    projected_offsets = offsets @ basis
-    within = stats["scatter"][present][:, present] - (counts[:, None] * projected_offsets).T @ projected_offsets
-    within = within / counts.sum()  # B^T Sigma_W B
-    gram_values, gram_vectors = torch.linalg.eigh(basis.T @ basis)  # B^T B = V diag(lambda) V^T
-    if gram_values[-1] <= 0:
+    projected_offsets = offsets @ reference.basis  # (C', k): u_j^T (mu_c - r_c)
+    within = (stats["scatter"] - (counts[:, None] * projected_offsets.square()).sum(0)) / counts.sum()
+    eigenvalues = reference.eigenvalues
+    if eigenvalues.max() <= 0:
         return within.new_tensor(float("inf"))
-    kept = gram_values > rtol * gram_values[-1]
-    values, vectors = gram_values[kept], gram_vectors[:, kept]
-    return ((vectors * (within @ vectors)).sum(0) / values.square()).sum()
+    kept = eigenvalues > rtol * eigenvalues.max()
+    return (within[kept] / eigenvalues[kept]).sum()
 
 
 def _reference_matches(stats: dict[str, Tensor], reference: _Reference, present: Tensor) -> bool:
@@ -176,8 +250,7 @@ def _reference_matches(stats: dict[str, Tensor], reference: _Reference, present:
     if not torch.equal(present, reference.present):
         return False
     offsets = stats["sums"][present] / stats["counts"][present, None]
-    spread = reference.basis.norm(dim=0).max()
-    return bool(offsets.norm(dim=1).max() <= 1e-6 * spread)
+    return bool(offsets.norm(dim=1).max() <= 1e-6 * reference.spread)
 
 
 def _neural_collapse_compute(
@@ -192,7 +265,7 @@ def _neural_collapse_compute(
             f"neural collapse skipped: {int(stats['nonfinite'])} feature rows contain NaN/inf", stacklevel=3
         )
         return {}
-    means, present = _class_means(stats, reference)
+    present = stats["counts"] > 0
     num_present = int(present.sum())
     result = {"num_classes_present": stats["counts"].new_tensor(float(num_present))}
     if num_present < 2:
@@ -200,27 +273,16 @@ def _neural_collapse_compute(
         return result
 
     counts = stats["counts"][present]
-    means = means[present]
+    offsets = stats["sums"][present] / counts[:, None]  # class means minus the reference shift
+    means = offsets + reference.means[present] if reference is not None else offsets
     centred = means - means.mean(0)
-    gram = centred @ centred.T
-    norms = gram.diagonal().sqrt()
-    cosines = _pairs(gram / (norms[:, None] * norms[None, :]).clamp_min(_TINY))
-    mean_distances = _pairs(gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram).clamp_min(0)
-    offsets = stats["sums"][present] / counts[:, None]
     variances = (stats["squares"][present] / counts - offsets.square().sum(1)).clamp_min(0)
-    pair_variances = _pairs(variances[:, None] + variances[None, :])
 
-    result["nc2_equinorm"] = _std_over_mean(norms)
-    result["nc2_equiangular"] = cosines.std(correction=0)
-    result["nc2_max_angle"] = (cosines + 1 / (num_present - 1)).abs().mean()
-    result["cdnv"] = (pair_variances / (2 * mean_distances).clamp_min(_TINY)).mean()
+    result["nc2_equinorm"] = _std_over_mean(centred.norm(dim=1))
+    result.update(_pair_statistics(centred, variances))
     if classifier_weight is not None:
         weight = classifier_weight.detach().to(means.device, torch.float64)
-        if weight.shape != (present.numel(), means.shape[1]):
-            raise ValueError(
-                f"`classifier_weight` must have shape ({present.numel()}, {means.shape[1]}),"
-                f" got {tuple(weight.shape)}"
-            )
+        check_shape("classifier_weight", weight, (present.numel(), means.shape[1]))
         weight = weight[present]
         result["nc2_equinorm_weights"] = _std_over_mean(weight.norm(dim=1))
         unit_weight = weight / weight.norm().clamp_min(_TINY)
@@ -239,6 +301,7 @@ def neural_collapse(
     classifier_weight: Tensor | None = None,
     predictions: Tensor | None = None,
     rtol: float = 1e-10,
+    ignore_index: int | None = None,
 ) -> dict[str, Tensor]:
     """Neural-collapse measures NC1-NC4 and CDNV of one set of features (two passes over it).
 
@@ -246,14 +309,18 @@ def neural_collapse(
     class means, ``nc1 = Tr(Sigma_W Sigma_B^+)/C'`` over the classes present.
 
     Args:
-        features: (N, D) features, e.g. the input of the final classifier layer.
-        labels: (N,) integer class labels in [0, num_classes).
+        features: (N, D) features, e.g. the input of the final classifier layer, or (N, T, D) per-token
+            features (every position is a sample).
+        labels: (N,) or (N, T) integer class labels in [0, num_classes) (see :func:`shift_labels` for
+            next-token classes of a causal language model).
         num_classes: number of classes C (>= 2).
         classifier_weight: optional (C, D) classifier weight (no bias); adds ``nc3`` and
             ``nc2_equinorm_weights``.
-        predictions: optional (N,) predicted classes or (N, C) scores of the model; adds ``nc4``.
+        predictions: optional class indices shaped like ``labels`` or scores (``labels.shape + (C,)``) of the
+            model; adds ``nc4``.
         rtol: eigenvalues of the Gram of centred class means below ``rtol`` times the largest are
             treated as zero in the pseudo-inverse of Sigma_B.
+        ignore_index: label of samples to leave out (e.g. -100, Hugging Face's padding label), or None.
 
     Returns:
         Dict of fp64 scalars: ``nc1``, ``nc2_equinorm``, ``nc2_equiangular``, ``nc2_max_angle``,
@@ -271,14 +338,15 @@ def neural_collapse(
         >>> [round(out[k].item(), 6) for k in ("nc1", "nc2_equinorm", "nc2_max_angle")]
         [0.0, 0.0, 0.0]
     """
-    _check_num_classes(num_classes)
-    _check_rtol(rtol)
-    _check_inputs(features, labels, num_classes, predictions, validate=True)
-    first = _neural_collapse_update(features, labels, num_classes)
+    check_int("num_classes", num_classes, 2)
+    check_fraction("rtol", rtol)
+    check_ignore_index(ignore_index, num_classes)
+    _check_inputs(features, labels, num_classes, predictions, True, ignore_index)
+    first = _neural_collapse_update(features, labels, num_classes, ignore_index=ignore_index)
     if first["nonfinite"] > 0:
         return _neural_collapse_compute(first, None)
     reference = _make_reference(*_class_means(first, None))
-    second = _neural_collapse_update(features, labels, num_classes, reference, predictions)
+    second = _neural_collapse_update(features, labels, num_classes, reference, predictions, ignore_index)
     return _neural_collapse_compute(second, reference, classifier_weight, rtol)
 
 
@@ -289,7 +357,14 @@ class NeuralCollapse(Metric):
     norms in fp64, shifted by the class means of the previous pass (so the variance does not
     cancel catastrophically when the classes collapse), and, once a reference exists, the
     within-class scatter projected on the between-class span and the nearest-class-centre
-    disagreements. Every state is a sum (``dist_reduce_fx="sum"``); memory is O(C x D + C^2).
+    disagreements. Every state is a sum (``dist_reduce_fx="sum"``).
+
+    Memory is O(C x D) (the per-class sums and the reference means; the between-class basis is D x min(C, D)),
+    so vocabulary-sized C works: C = 50,257 classes of D = 768 features take 2 x 0.3 GB in fp64. ``update``
+    streams: features of any leading shape (e.g. (N, T, D) token positions) are taken row by row, and the
+    (rows x C') distances of NC4 and the (C' x C') class-pair Grams of ``compute`` are formed in blocks of
+    :data:`BLOCK_ELEMENTS` entries (C' = classes present). Time per pass O(rows x D x min(C, D)), plus
+    O(rows x C' x D) for NC4; ``compute`` O(C'^2 x D).
 
     One pass gives ``nc2_*``, ``nc3`` and ``cdnv``. ``nc1`` and ``nc4`` need the class means first:
     call :meth:`start_second_pass` after the first pass and run ``update`` again over the same data;
@@ -305,6 +380,8 @@ class NeuralCollapse(Metric):
             ``model.fc.weight`` is read at ``compute`` time).
         rtol: relative eigenvalue cut-off of the pseudo-inverse of Sigma_B.
         validate_args: check that labels lie in [0, C) (a host sync per ``update``).
+        ignore_index: label of rows to leave out (e.g. -100 for padding and the last position of a causal
+            LM, see :func:`shift_labels`), or None; must not be a class index.
         kwargs: torchmetrics ``Metric`` keyword arguments.
 
     Raises:
@@ -340,42 +417,45 @@ class NeuralCollapse(Metric):
         classifier_weight: Tensor | None = None,
         rtol: float = 1e-10,
         validate_args: bool = True,
+        ignore_index: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        _check_num_classes(num_classes)
-        _check_rtol(rtol)
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"`num_features` must be a positive integer, got {num_features!r}")
-        if classifier_weight is not None and (
-            not isinstance(classifier_weight, Tensor) or classifier_weight.shape != (num_classes, num_features)
-        ):
-            raise ValueError(f"`classifier_weight` must be a ({num_classes}, {num_features}) tensor")
+        check_int("num_classes", num_classes, 2)
+        check_int("num_features", num_features, 1)
+        check_fraction("rtol", rtol)
+        check_ignore_index(ignore_index, num_classes)
+        if classifier_weight is not None:
+            check_shape("classifier_weight", classifier_weight, (num_classes, num_features))
         self.num_classes, self.num_features = num_classes, num_features
         self.classifier_weight = classifier_weight.detach() if classifier_weight is not None else None
         self.rtol = rtol
         self.validate_args = validate_args
-        c = num_classes
-        zeros = {"counts": (c,), "sums": (c, num_features), "squares": (c,), "scatter": (c, c)}
-        zeros.update(mismatches=(), predicted=(), nonfinite=())
-        for name in _STAT_NAMES:
-            self.add_state(name, torch.zeros(zeros[name], dtype=torch.float64), dist_reduce_fx="sum")
-        self.register_buffer("reference_means", torch.zeros(c, num_features, dtype=torch.float64), persistent=False)
-        self.register_buffer("reference_present", torch.zeros(c, dtype=torch.bool), persistent=False)
+        self.ignore_index = ignore_index
+        c, k = num_classes, min(num_classes, num_features)  # reference buffers: means (C, D), basis (D, k)
+        for name, zeros in _zero_stats(num_classes, num_features).items():
+            self.add_state(name, zeros, dist_reduce_fx="sum")
+        empty = _Reference(
+            torch.zeros(c, num_features, dtype=torch.float64), torch.zeros(c, dtype=torch.bool),
+            torch.zeros(num_features, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64),
+            torch.zeros((), dtype=torch.float64),
+        )  # fmt: skip
+        for name, value in empty._asdict().items():
+            self.register_buffer(f"reference_{name}", value, persistent=False)
 
     def _reference(self) -> _Reference | None:
         if not bool(self.reference_present.any()):
             return None
-        return _make_reference(self.reference_means.to(torch.float64), self.reference_present)
+        return _Reference(*(getattr(self, f"reference_{name}") for name in _Reference._fields))
 
     def update(self, features: Tensor, labels: Tensor, predictions: Tensor | None = None) -> None:
-        """Accumulate a batch of (N, D) features with (N,) labels and optional model predictions."""
-        _check_inputs(features, labels, self.num_classes, predictions, self.validate_args)
-        if features.shape[1] != self.num_features:
-            raise ValueError(f"`features` must have {self.num_features} columns, got {features.shape[1]}")
-        batch = _neural_collapse_update(features, labels, self.num_classes, self._reference(), predictions)
-        for name in _STAT_NAMES:
-            setattr(self, name, getattr(self, name) + batch[name])
+        """Accumulate features (N, D) or (N, T, D) with labels (N,) or (N, T) and optional model predictions."""
+        _check_inputs(features, labels, self.num_classes, predictions, self.validate_args, self.ignore_index)
+        if features.shape[-1] != self.num_features:
+            raise ValueError(f"`features` must have {self.num_features} columns, got {features.shape[-1]}")
+        _neural_collapse_update(
+            features, labels, self.num_classes, self._reference(), predictions, self.ignore_index, self._stats()
+        )
 
     def _stats(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in _STAT_NAMES}
@@ -386,10 +466,12 @@ class NeuralCollapse(Metric):
         Call it on every rank between two passes over the same data; the next pass adds ``nc1`` and
         ``nc4`` to ``compute``.
         """
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True):
+        sync = self.sync_on_compute  # public: as compute() syncs
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=sync, should_unsync=True):
             means, present = _class_means(self._stats(), self._reference())
         self.reset()
-        self.reference_means, self.reference_present = means, present
+        for name, value in _make_reference(means, present)._asdict().items():
+            setattr(self, f"reference_{name}", value)
 
     def compute(self) -> dict[str, Tensor]:
         """Neural-collapse measures of the accumulated statistics (see the class docstring)."""

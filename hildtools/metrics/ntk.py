@@ -10,13 +10,34 @@ and concatenated) give, by ``output`` convention:
 - ``"projection"``: the kernel of the scalar output ``v^T f(x)``, ``v ~ N(0, I_C)`` drawn once from ``seed``
   (on the CPU, so the same on every device); ``E_v[K] = `` the ``"sum"`` kernel; one backward per example
   instead of ``C``;
-- ``"full"``: the (nC) x (nC) kernel ``K[i*C + a, j*C + b] = <J_ia, J_jb>`` (``K.view(n, C, n, C)``).
+- ``"full"``: the (nC) x (nC) kernel ``K[i*C + a, j*C + b] = <J_ia, J_jb>`` (``K.view(n, C, n, C)``);
+- ``"auto"`` (the monitor's default): ``"sum"`` when ``C <= AUTO_MAX_OUTPUTS`` (16), else ``"projection"``. The
+  exact sum costs C Jacobian rows per example (C backward passes, and C times the Gram product), the projection one.
+  As an estimate of the ``"sum"`` kernel the projection has ``Var_v(K_ij) = ||G_ij||_F^2 + <G_ij, G_ij^T>_F`` with
+  ``G_ij = J_i J_j^T`` (C x C): on the diagonal a relative error ``sqrt(2) ||G_ii||_F / tr(G_ii)``, small when the
+  outputs' Jacobians spread over many directions (many positions of a sequence), large for a few dominant outputs.
+  ``v`` is fixed by ``seed``, so the kernels of one run are comparable with each other.
 
-With one output per example (``C = 1``) all five agree. A linear model ``f(x) = W x + b`` has
+With one output per example (``C = 1``) all agree. A linear model ``f(x) = W x + b`` has
 ``K = C (X X^T + 1)`` under ``"sum"`` (``X X^T + 1`` under ``"mean"``; ``X X^T`` without bias).
 
+Sequence outputs. An output of shape (n, T, V) (a causal language model's logits: T positions, V vocabulary
+entries; any (n, d_1, ..., d_k) alike) is flattened per example, ``a = t*V + v`` and ``C = T*V``: ``"sum"``
+sums over positions *and* vocabulary, ``K_ij = sum_t sum_v <J_itv, J_jtv>`` (the positions of x_i are paired
+with the same positions of x_j); ``"mean"`` divides by ``T*V``; ``"projection"`` draws one Gaussian ``v`` of T*V
+entries (the kernel of ``sum_t sum_v v_tv f_tv(x)``, unbiased for the sum over positions and vocabulary);
+``"index"`` picks position ``a // V`` and token ``a % V``; ``"full"`` is (nTV) x (nTV). Hugging Face outputs
+(``ModelOutput``, dicts) use their ``logits``. The exact sum over a vocabulary is rarely affordable: a 2-layer
+GPT-2 with V = 256, T = 32 has C = 8192 rows per example: for n = 64 about 950 s of backward passes and
+``n^2 C P`` = 4e12 multiply-adds (P = 120,576 parameters), before the recomputation of chunk pairs; ``"auto"``
+projects such outputs before differentiating (one backward per example: 0.26 s for that model, n = 64, one CPU
+thread; ``benchmarks/results/ntk_gpt2_cpu.md``).
+
 Computation. Per-example Jacobian rows come from ``torch.func`` (``vmap`` over examples of ``jacrev`` of a
-one-example ``functional_call``), ``chunk_size`` rows (example-output pairs) at a time. The kernel is assembled
+one-example ``functional_call``), ``chunk_size`` rows (example-output pairs) at a time. Where ``vmap`` fails through
+the model (an op without a batching rule such as ``nn.GRU``, data-dependent control flow such as Hugging Face's
+attention-mask utilities), the rows come one example at a time (a forward and a pullback each: the same values,
+slower). The kernel is assembled
 block by block from pairs of chunks, the second chunk of a pair being recomputed, so memory is about
 ``2 x chunk_size x P`` Jacobian entries (P parameters) plus the activations of ``chunk_size`` backward passes,
 whatever ``n``; with ``m`` chunks the Jacobian is evaluated ``m (m + 1) / 2`` chunk-times. Products are taken in
@@ -32,22 +53,14 @@ this costs about n times more). The module's buffers (running statistics, ``num_
 written: the forward runs on copies. Dropout active in train mode is refused: a random function has no tangent
 kernel.
 
-Sketch (``sketch_dim=k``). Every Jacobian row ``g`` (P entries) is replaced by ``R^T g / sqrt(k)``, with ``R``
-(P x k) of iid N(0, 1) entries generated blockwise from ``seed`` (never stored whole), and ``K~ = G~ G~^T``.
-Since ``E[(r.a)(r.b)] = a.b`` and ``Var[(r.a)(r.b)] = |a|^2 |b|^2 + (a.b)^2`` for ``r ~ N(0, I)``:
-
-- ``K~`` is unbiased and ``Var(K~_ij) = (K_ii K_jj + K_ij^2) / k``: the error of each entry relative to
-  ``sqrt(K_ii K_jj)`` has standard deviation at most ``sqrt(2/k)`` (exactly ``sqrt(2/k)`` on the diagonal);
-- ``E ||K~ - K||_F^2 / ||K||_F^2 = (1 + tr(K)^2 / ||K||_F^2) / k``, where ``tr(K)^2 / ||K||_F^2`` (the
-  participation ratio) lies between 1 and n: about ``sqrt(2/k)`` for a kernel dominated by one direction.
-
-The sketch needs no recomputation (memory ``n x C' x k``) but draws ``P x k`` Gaussians per chunk; it is for models
-whose exact kernel costs too many chunk pairs.
+Sketch (``method="sketch"``, ``sketch_dim=k``, default 256): ``K~ = (J S)(J S)^T`` with a seeded Gaussian ``S``
+(P x k, ``E[S S^T] = I``), ``J S`` from central finite differences of the outputs: ``2 k`` forward passes of the
+batch, no backward pass, no ``vmap`` through the model. Unbiased; ``Var(K~_ij) = (K_ii K_jj + K_ij^2) / k`` for
+one output per example (the general formula, the step and the accuracy in :mod:`hildtools.metrics.ntk_sketch`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -56,17 +69,27 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vjp, vmap
 
 from hildtools._checks import check_choice, check_int
+from hildtools.batches import batch_size, map_tensors
 from hildtools.distributed import all_reduce_mean, is_distributed
-from hildtools.probe import batch_size, map_tensors
+from hildtools.metrics.ntk_sketch import SKETCH_DIM, sketched_jacobian
 
-OUTPUTS = ("sum", "mean", "index", "projection", "full")
+OUTPUTS = ("sum", "mean", "index", "projection", "full", "auto")
+METHODS = ("exact", "sketch")
+AUTO_MAX_OUTPUTS = 16  # "auto": the exact sum up to this many outputs per example, the projection beyond
 PRODUCT_DTYPES = (torch.float64, torch.float32)
 CHUNK_BYTES = 2**30  # default chunk: the Jacobian rows fitting 1 GiB
 _BLOCK_ELEMENTS = 2**22  # converted copies and sketch matrices are made in blocks of at most this many entries
 
 
-def check_ntk_args(output: Any, output_index: Any, chunk_size: Any, sketch_dim: Any, seed: Any) -> None:
+def check_ntk_args(
+    output: Any, output_index: Any, chunk_size: Any, sketch_dim: Any, seed: Any, method: Any = "exact"
+) -> None:
     """Raise ValueError for an argument of :func:`empirical_ntk` outside its accepted range."""
+    check_choice("method", method, METHODS)
+    if method == "sketch" and chunk_size is not None:
+        raise ValueError(f"chunk_size is only used with method='exact', got {chunk_size!r} with method='sketch'")
+    if method == "exact" and sketch_dim is not None:
+        raise ValueError(f"sketch_dim is only used with method='sketch', got {sketch_dim!r} with method='exact'")
     check_choice("output", output, OUTPUTS)
     if output == "index":
         check_int("output_index", output_index, 0)
@@ -89,7 +112,7 @@ def _check_inputs(x: Any) -> int:
     return n
 
 
-def _as_outputs(out: Any, n: int) -> Tensor:
+def as_outputs(out: Any, n: int) -> Tensor:
     """The model's output as an (n, C) tensor (a ``logits`` field of a dict/dataclass output is used)."""
     if isinstance(out, Mapping) and "logits" in out:
         out = out["logits"]
@@ -97,6 +120,40 @@ def _as_outputs(out: Any, n: int) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"model must return a tensor (or an output with `logits`), got {type(out).__name__}")
     return out.reshape(n, -1)
+
+
+def resolve_output(output: str, output_index: int | None, num_outputs: int) -> str:
+    """The convention in force for C = ``num_outputs`` (``"auto"`` resolved); checks ``output_index`` < C."""
+    if output == "index" and output_index >= num_outputs:
+        raise ValueError(f"output_index must be in [0, {num_outputs}) for this model, got {output_index}")
+    if output == "auto":
+        return "sum" if num_outputs <= AUTO_MAX_OUTPUTS else "projection"
+    return output
+
+
+def selection_matrix(output: str, output_index: int | None, seed: int, outputs: Tensor) -> Tensor | None:
+    """``S`` (C x 1) for ``"index"`` (a basis vector) and ``"projection"`` (``v ~ N(0, I_C)`` from a CPU generator
+    seeded with ``seed``), in the dtype and on the device of the (n, C) ``outputs``; ``None`` (identity) otherwise."""
+    num_outputs = outputs.shape[-1]
+    if output == "index":
+        selection = torch.zeros(num_outputs, 1, dtype=outputs.dtype)
+        selection[output_index] = 1
+    elif output == "projection":
+        generator = torch.Generator().manual_seed(seed)
+        selection = torch.randn(num_outputs, 1, generator=generator, dtype=torch.float64).to(outputs.dtype)
+    else:
+        return None
+    return selection.to(outputs.device)
+
+
+def kernel_from_sketch(sketched: Tensor, output: str, num_outputs: int) -> Tensor:
+    """``K~`` from the (n, C', k) sketch ``J S``: summed over outputs (``/C`` for ``"mean"``), or (nC', nC')."""
+    n, selected, k = sketched.shape
+    if output == "full":
+        flat = sketched.reshape(n * selected, k)
+        return flat @ flat.T
+    flat = sketched.reshape(n, -1)
+    return flat @ flat.T / (num_outputs if output == "mean" else 1)
 
 
 def couples_examples(model: nn.Module) -> bool:
@@ -158,51 +215,35 @@ class TangentModel:
             name: upcast(p.detach()) for name, p in model.named_parameters() if name not in self.params
         }
         self.coupled = couples_examples(model)
-        self.looped = False  # set when the model has an op vmap cannot batch
+        self.looped = False  # set when vmap fails through the model (an op without a batching rule, data-dependent
+        # control flow such as Hugging Face's mask utilities, .item()): rows then come one example at a time
         self._vjp: Callable | None = None
-        with torch.inference_mode(False), torch.enable_grad():
-            if self.coupled:
-                outputs, self._vjp = vjp(self._batch_outputs, self.params)
-            else:
-                with torch.no_grad():  # the output size, from the first example
-                    first = map_tensors(lambda t: t[:1], x)
-                    try:
-                        outputs = vmap(self._example_outputs, (None, 0), randomness="error")(self.params, first)
-                    except RuntimeError as error:  # an op without a vmap rule (e.g. nn.GRU): loop over examples
-                        if "Batching rule not implemented" not in str(error):
-                            raise
-                        self.looped = True
-                        outputs = self._example_outputs(self.params, map_tensors(lambda t: t[0], first))[None]
+        with torch.inference_mode(False), torch.no_grad():  # the output size, from a plain forward (no vmap)
+            first = self.n if self.coupled else 1  # a coupled batch runs whole (batch statistics need > 1 example)
+            outputs = self._call(self.params, map_tensors(lambda t: t[:first], self.x), first)
         self.num_outputs = outputs.shape[-1]
         self.dtype = outputs.dtype
         self.device = outputs.device
-        if output == "index" and output_index >= self.num_outputs:
-            raise ValueError(f"output_index must be in [0, {self.num_outputs}) for this model, got {output_index}")
-        self.selection = self._selection(output, output_index, seed)
+        self.output = resolve_output(output, output_index, self.num_outputs)  # "auto" resolved
+        self.selection = selection_matrix(self.output, output_index, seed, outputs)
 
     # -- the function ---------------------------------------------------------------------------------------------
     def _call(self, params: dict[str, Tensor], x: Any, n: int) -> Tensor:
         # Copies of the buffers: a train-mode BatchNorm updates the copies, never the module's running statistics.
         buffers = {name: upcast(b.detach()).clone() for name, b in self.model.named_buffers()}
         args, kwargs = ((), x) if isinstance(x, Mapping) else (tuple(x) if isinstance(x, (tuple, list)) else (x,), {})
-        return _as_outputs(functional_call(self.model, ({**self.frozen, **params}, buffers), args, kwargs), n)
+        return as_outputs(functional_call(self.model, ({**self.frozen, **params}, buffers), args, kwargs), n)
 
     def _batch_outputs(self, params: dict[str, Tensor]) -> Tensor:
         return self._call(params, self.x, self.n)
 
+    def selected_outputs(self, params: dict[str, Tensor]) -> Tensor:
+        """The (n, C') selected outputs of the whole batch, ``f(x) @ S`` (one batched forward)."""
+        out = self._batch_outputs(params)
+        return out if self.selection is None else out @ self.selection
+
     def _example_outputs(self, params: dict[str, Tensor], x_one: Any) -> Tensor:
         return self._call(params, map_tensors(lambda t: t.unsqueeze(0), x_one), 1)[0]
-
-    def _selection(self, output: str, output_index: int | None, seed: int) -> Tensor | None:
-        if output == "index":
-            selection = torch.zeros(self.num_outputs, 1, dtype=self.dtype)
-            selection[output_index] = 1
-        elif output == "projection":
-            generator = torch.Generator().manual_seed(seed)
-            selection = torch.randn(self.num_outputs, 1, generator=generator, dtype=torch.float64).to(self.dtype)
-        else:
-            return None
-        return selection.to(self.device)
 
     @property
     def num_selected(self) -> int:
@@ -220,9 +261,9 @@ class TangentModel:
     def rows(self, examples: range, outputs: range) -> list[Tensor]:
         """``d (f(x_i) @ S)_a / d theta`` for i in ``examples``, a in ``outputs``: one (b, a, P_p) tensor per parameter."""
         b, a = len(examples), len(outputs)
-        columns = self.selection_columns(outputs)
         with torch.inference_mode(False), torch.enable_grad():
             if self.coupled:
+                columns = self.selection_columns(outputs)
                 cotangents = torch.zeros(b, a, self.n, self.num_outputs, dtype=self.dtype, device=self.device)
                 cotangents[torch.arange(b), :, torch.tensor(examples)] = columns.T
                 (grads,) = vmap(self.vjp_fn)(cotangents.reshape(b * a, self.n, self.num_outputs))
@@ -230,24 +271,37 @@ class TangentModel:
                 x = map_tensors(lambda t: t[examples.start : examples.stop], self.x)
 
                 def selected(params: dict[str, Tensor], x_one: Any) -> Tensor:
-                    return self._example_outputs(params, x_one) @ columns
+                    out = self._example_outputs(params, x_one)
+                    if self.selection is None:  # identity: slice, never an identity matrix of C x C entries
+                        return out[outputs.start : outputs.stop]
+                    return out @ self.selection[:, outputs.start : outputs.stop]
 
-                if self.looped:
+                grads = None
+                if not self.looped:
+                    try:
+                        grads = vmap(jacrev(selected), (None, 0), randomness="error")(self.params, x)
+                    except RuntimeError:  # vmap cannot batch the model; a model's own error recurs in the loop
+                        self.looped = True
+                if grads is None:
                     grads = self._looped_jacobian(selected, x, b, a)
-                else:
-                    grads = vmap(jacrev(selected), (None, 0), randomness="error")(self.params, x)
         return [grads[name].reshape(b, a, -1) for name in self.params]
 
     def _looped_jacobian(self, selected: Callable, x: Any, b: int, a: int) -> dict[str, Tensor]:
-        """The Jacobian rows one example and one output at a time (for ops without a vmap rule): b x a VJPs."""
+        """The Jacobian rows one example at a time (no vmap through the model): one forward per example, its
+        pullback applied to the ``a`` unit cotangents (vmapped over the backward graph, or looped if that fails)."""
         rows = {name: [] for name in self.params}
+        units = torch.eye(a, dtype=self.dtype, device=self.device)
         for i in range(b):
-            _, pullback = vjp(lambda params: selected(params, map_tensors(lambda t: t[i], x)), self.params)
-            for unit in torch.eye(a, dtype=self.dtype, device=self.device):
-                (grads,) = pullback(unit)
-                for name in self.params:
-                    rows[name].append(grads[name])
-        return {name: torch.stack(parts).reshape(b, a, *parts[0].shape) for name, parts in rows.items()}
+            x_one = map_tensors(lambda t, i=i: t[i], x)
+            _, pullback = vjp(lambda params, x_one=x_one: selected(params, x_one), self.params)
+            try:
+                (grads,) = vmap(pullback)(units)
+            except RuntimeError:  # no batching rule in the backward graph either
+                parts = [pullback(unit)[0] for unit in units]
+                grads = {name: torch.stack([part[name] for part in parts]) for name in self.params}
+            for name in self.params:
+                rows[name].append(grads[name])
+        return {name: torch.stack(parts) for name, parts in rows.items()}
 
     @property
     def vjp_fn(self) -> Callable:
@@ -331,52 +385,13 @@ def _exact_kernel(
     return kernel
 
 
-def sketch_rows(rows: list[Tensor], sketch_dim: int, seeds: Tensor) -> Tensor:
-    """``R^T g / sqrt(k)`` for every row ``g``: (b, a, k). Block ``j`` of parameter ``p``'s rows of ``R`` is drawn
-    from a generator seeded with ``seeds[p]`` (consecutive blocks of :data:`_BLOCK_ELEMENTS`), on the rows' device."""
-    b, a, _ = rows[0].shape
-    dtype = torch.promote_types(rows[0].dtype, torch.float32)
-    sketch = torch.zeros(b * a, sketch_dim, dtype=dtype, device=rows[0].device)
-    step = max(1, _BLOCK_ELEMENTS // sketch_dim)
-    for part, seed in zip(rows, seeds.tolist()):
-        flat = part.reshape(b * a, -1)
-        generator = torch.Generator(device=flat.device).manual_seed(seed)
-        for start in range(0, flat.shape[1], step):
-            columns = flat[:, start : start + step]
-            projection = torch.randn(columns.shape[1], sketch_dim, generator=generator, device=flat.device, dtype=dtype)
-            sketch += columns.to(dtype) @ projection
-    return (sketch / math.sqrt(sketch_dim)).view(b, a, sketch_dim)
-
-
-def _sketched_kernel(
-    tangent: TangentModel,
-    chunks: list[tuple[range, range]],
-    full: bool,
-    owned: Callable,
-    sketch_dim: int,
-    seed: int,
-    reduce_sum: Callable[[Tensor], Tensor],
-) -> Tensor:
-    seeds = torch.randint(2**62, (len(tangent.params),), generator=torch.Generator().manual_seed(seed))
-    sketched = torch.zeros(tangent.n, tangent.num_selected, sketch_dim, dtype=torch.float64, device=tangent.device)
-    for u, (examples, outputs) in enumerate(chunks):
-        if owned(u):
-            rows = sketch_rows(tangent.rows(examples, outputs), sketch_dim, seeds)
-            sketched[examples.start : examples.stop, outputs.start : outputs.stop] = rows
-    sketched = reduce_sum(sketched)
-    if full:
-        flat = sketched.reshape(-1, sketch_dim)
-        return (flat @ flat.T).view(tangent.n, tangent.num_selected, tangent.n, tangent.num_selected)
-    flat = sketched.reshape(tangent.n, -1)
-    return flat @ flat.T
-
-
 def empirical_ntk(
     model: nn.Module,
     x: Any,
     *,
     output: str = "sum",
     output_index: int | None = None,
+    method: str = "exact",
     chunk_size: int | None = None,
     sketch_dim: int | None = None,
     seed: int = 0,
@@ -390,16 +405,20 @@ def empirical_ntk(
         model: any ``nn.Module``; evaluated as given (put it in eval mode for the eval-mode NTK).
         x: the inputs: a tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict (``model(**x)``) of tensors
             with a leading example dimension n.
-        output: ``"sum"`` (default), ``"mean"``, ``"index"``, ``"projection"`` or ``"full"``.
+        output: ``"sum"`` (default), ``"mean"``, ``"index"``, ``"projection"``, ``"full"`` or ``"auto"`` (``"sum"``
+            up to 16 outputs per example, else ``"projection"``); sequence outputs in the module docstring.
         output_index: the output used by ``output="index"``, in [0, C).
-        chunk_size: Jacobian rows (example-output pairs) computed at once, >= 1; peak memory is about
+        method: ``"exact"`` (default: per-example Jacobians by ``torch.func``) or ``"sketch"`` (unbiased, from
+            forward passes only: for models or strategies where backward-mode Jacobians are unavailable or too big).
+        chunk_size: (exact) Jacobian rows (example-output pairs) computed at once, >= 1; peak memory is about
             ``2 x chunk_size x P`` entries. Default: the rows fitting 1 GiB (at least one).
-        sketch_dim: project every Jacobian row to this many dimensions with a seeded Gaussian matrix
-            (error in the module docstring); ``None`` (default): exact.
+        sketch_dim: (sketch) the number k of random directions, >= 1 (default 256; 2k forward passes); each entry's
+            error relative to ``sqrt(K_ii K_jj)`` has standard deviation at most ``sqrt(2/k)`` (one output).
         seed: seeds the ``"projection"`` vector and the sketch (a private generator; the global RNG is not used).
         params: parameter names or parameter tensors to differentiate; default: all with ``requires_grad``.
-        distributed: split the chunks over the ranks of the initialised process group and all-reduce, so every
-            rank returns the whole kernel; every rank must call it with the same model and ``x``.
+        distributed: split the chunks (the sketch's directions) over the ranks of the initialised process group
+            and all-reduce, so every rank returns the whole kernel; every rank must call it with the same model and
+            ``x``.
         product_dtype: dtype of the Jacobian-block products (sums are in fp64 either way): ``torch.float64``
             (default, exact to rounding) or ``torch.float32`` (several times faster on CPUs and on GPUs without fast
             fp64; 1e-7 to 1e-5 relative error measured, about 1e-3 if TF32 matmuls are enabled, e.g. by
@@ -421,10 +440,9 @@ def empirical_ntk(
                 [1., 2., 1.],
                 [1., 1., 2.]], dtype=torch.float64)
     """
-    check_ntk_args(output, output_index, chunk_size, sketch_dim, seed)
+    check_ntk_args(output, output_index, chunk_size, sketch_dim, seed, method)
     check_choice("product_dtype", product_dtype, PRODUCT_DTYPES)
     tangent = TangentModel(model, x, output=output, output_index=output_index, seed=seed, params=params)
-    chunks = row_chunks(tangent.n, tangent.num_selected, chunk_size or tangent.default_chunk_size())
     shared = distributed and is_distributed()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if shared else (0, 1)
 
@@ -434,12 +452,15 @@ def empirical_ntk(
     def reduce_sum(tensor: Tensor) -> Tensor:
         return all_reduce_mean(tensor) * world if shared else tensor
 
-    full = output == "full"
-    if sketch_dim is None:
-        kernel = reduce_sum(_exact_kernel(tangent, chunks, full, owned, product_dtype))
-    else:
-        kernel = _sketched_kernel(tangent, chunks, full, owned, sketch_dim, seed, reduce_sum)
-    if output == "mean":
+    if method == "sketch":
+        shape = (tangent.n, tangent.num_selected)
+        sketched = sketched_jacobian(tangent.selected_outputs, tangent.params, shape, sketch_dim or SKETCH_DIM,
+                                     seed, owned)  # fmt: skip
+        return kernel_from_sketch(reduce_sum(sketched), tangent.output, tangent.num_outputs)
+    full = tangent.output == "full"
+    chunks = row_chunks(tangent.n, tangent.num_selected, chunk_size or tangent.default_chunk_size())
+    kernel = reduce_sum(_exact_kernel(tangent, chunks, full, owned, product_dtype))
+    if tangent.output == "mean":
         kernel = kernel / tangent.num_outputs
     if full:
         size = tangent.n * tangent.num_outputs

@@ -1,67 +1,21 @@
-"""Helpers shared by the optimizers: argument checks, path selection, grouped tensor lists, norms."""
+"""Helpers shared by the optimizers: path selection, grouped tensor lists, complex views, norms.
+
+Only public torch APIs: the foreach default and the device/dtype grouping that torch.optim keeps
+private (``_default_to_fused_or_foreach``, ``_group_tensors_by_device_and_dtype``) are written out here.
+"""
 
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from hildtools.sharding import sharded_parameter_type
 
-
-def check_number(name: str, value: object, low: float = 0.0, high: float = math.inf, high_open: bool = False) -> None:
-    """Raise unless ``value`` is a real number in ``[low, high]`` (``[low, high)`` with ``high_open``).
-
-    Raises:
-        TypeError: ``value`` is not a real number (bools and strings are refused).
-        ValueError: ``value`` is outside the range, or not finite.
-    """
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must have one element, got shape {tuple(value.shape)}")
-        number = float(value)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    upper = ")" if high_open else "]"
-    inside = low <= number and (number < high if high_open else number <= high)
-    if not (math.isfinite(number) and inside):
-        raise ValueError(f"{name} must be in [{low}, {high}{upper}, got {value}")
-
-
-def check_beta(name: str, value: object) -> None:
-    """Raise unless ``value`` is a momentum-like coefficient in ``[0, 1)``."""
-    check_number(name, value, 0.0, 1.0, high_open=True)
-
-
-def check_betas(betas: object) -> None:
-    """Raise unless ``betas`` is a pair of coefficients in ``[0, 1)``."""
-    if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    check_beta("betas[0]", betas[0])
-    check_beta("betas[1]", betas[1])
-
-
-def check_flag(name: str, value: object, optional: bool = False) -> None:
-    """Raise unless ``value`` is a bool (or None when ``optional``)."""
-    if not (isinstance(value, bool) or (optional and value is None)):
-        kind = "a bool or None" if optional else "a bool"
-        raise TypeError(f"{name} must be {kind}, got {value!r}")
-
-
-def check_path_flags(maximize: object, foreach: object, fused: object = None) -> None:
-    """Raise unless ``maximize`` is a bool and ``foreach``/``fused`` are bools or None, not both True."""
-    check_flag("maximize", maximize)
-    check_flag("foreach", foreach, optional=True)
-    check_flag("fused", fused, optional=True)
-    if foreach and fused:
-        raise ValueError("foreach and fused cannot both be True")
+FOREACH_DEVICES = ("cuda", "xpu")  # where torch.optim defaults to multi-tensor kernels
 
 
 def evaluate(closure: Callable[[], Tensor] | None) -> Tensor | None:
@@ -81,10 +35,25 @@ def zeros_state(state: dict, params: list[Tensor], key: str) -> list[Tensor]:
 
 
 def use_foreach(foreach: bool | None, params: list[Tensor]) -> bool:
-    """Resolve ``foreach=None`` the way torch.optim does: multi-tensor kernels on CUDA, per-tensor elsewhere."""
+    """Resolve ``foreach=None`` the way torch.optim does: multi-tensor kernels when every parameter is a
+    plain tensor on CUDA (or XPU), per-tensor elsewhere (CPU, tensor subclasses such as DTensor)."""
     if foreach is None:
-        return _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
+        return all(type(p) in (Tensor, nn.Parameter) and p.device.type in FOREACH_DEVICES for p in params)
     return foreach
+
+
+def backfill(optimizer: Optimizer, **defaults: object) -> None:
+    """Give every param group the ``defaults`` it lacks (state dicts saved before a flag existed), as
+    torch.optim's ``__setstate__`` does."""
+    for group in optimizer.param_groups:
+        for key, value in defaults.items():
+            group.setdefault(key, value)
+
+
+def real_views(tensors: list[Tensor]) -> list[Tensor]:
+    """``torch.view_as_real`` of the complex tensors, the others as they are: torch.optim's convention,
+    a complex parameter is optimised as the pair of its real and imaginary parts."""
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
 
 
 def params_with_grad(group: dict) -> tuple[list[Tensor], list[Tensor]]:
@@ -107,21 +76,25 @@ def groups_with_grad(param_groups: list[dict]) -> list[tuple[dict, list[Tensor],
 
 
 def by_device_and_dtype(*tensor_lists: list[Tensor]) -> Iterator[list[list[Tensor]]]:
-    """Yield the aligned ``tensor_lists`` split into groups of one device and dtype (as foreach kernels need)."""
-    grouped = Optimizer._group_tensors_by_device_and_dtype(list(tensor_lists))
-    for lists, _ in grouped.values():
-        yield lists
+    """Yield the aligned ``tensor_lists`` split into groups of one device and dtype (as foreach kernels need),
+    keyed by the first list's tensors, in order of first appearance."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensor_lists[0]):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    for indices in groups.values():
+        yield [[tensors[i] for i in indices] for tensors in tensor_lists]
 
 
 def accumulation_dtype(tensors: list[Tensor]) -> torch.dtype:
-    """float64 when any tensor is float64, float32 otherwise (also for bf16/fp16 inputs)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    """float64 when any tensor is float64 (or complex128), float32 otherwise (also for bf16/fp16 inputs)."""
+    return torch.float64 if any(t.dtype in (torch.float64, torch.complex128) for t in tensors) else torch.float32
 
 
 def squared_norm(tensors: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Return sum_i ||t_i||^2 as a 0-dim tensor of ``dtype`` on ``device``, without a host sync."""
+    """Return sum_i ||t_i||^2 as a 0-dim tensor of ``dtype`` on ``device``, without a host sync
+    (``|z|^2`` summed for complex tensors)."""
     total = torch.zeros((), dtype=dtype, device=device)
-    for (group,) in by_device_and_dtype(tensors):
+    for (group,) in by_device_and_dtype(real_views(tensors)):
         norms = torch._foreach_norm(group, 2, dtype=dtype)
         total = total + torch.stack(norms).square().sum().to(device, non_blocking=True)
     return total
@@ -147,7 +120,7 @@ def scalar(value: float | Tensor, like: Tensor) -> Tensor:
 
 
 @functools.cache
-def compiled(fn: Callable) -> Callable:
+def compile_once(fn: Callable) -> Callable:
     """``torch.compile(fn)`` once per function (static shapes, one graph).
 
     Compiled steps receive every hyper-parameter as a 0-dim tensor, so LR schedules and momentum

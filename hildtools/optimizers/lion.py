@@ -1,4 +1,8 @@
-"""Lion: sign of an interpolated momentum, with decoupled weight decay (Chen et al., 2023)."""
+"""Lion: sign of an interpolated momentum, with decoupled weight decay (Chen et al., 2023).
+
+The functional :func:`lion` is the one sign-momentum core: :class:`~hildtools.optimizers.Signum` is
+a thin layer over it (``Signum(b) = Lion(b, b)``), as torch builds AdamW on Adam.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from hildtools._checks import check_betas, check_number, check_path_flags
 from hildtools.optimizers._common import (
+    backfill,
     by_device_and_dtype,
-    check_betas,
-    check_number,
-    check_path_flags,
-    compiled,
+    compile_once,
     evaluate,
     params_with_grad,
+    real_views,
     scalar,
     use_foreach,
     zeros_state,
@@ -40,21 +44,25 @@ class Lion(Optimizer):
     The weight decay is the paper's and lion-pytorch's default convention (``p *= 1 - lr * wd``), not
     the "fully decoupled" ``1 - (lr / lr0) * wd``: use a 3-10x smaller lr and a 3-10x larger
     weight decay than for AdamW. One state buffer per parameter (``exp_avg``), half of AdamW's.
-    ``Lion(b, b)`` is :class:`~hildtools.optimizers.Signum` with momentum ``b``.
+    ``Lion(b, b)`` is :class:`~hildtools.optimizers.Signum` with momentum ``b``. A complex parameter is
+    optimised as the pair of its real and imaginary parts (torch.optim's ``view_as_real`` convention),
+    so ``sign`` acts on each part.
 
     Args:
         params: iterable of parameters or param groups.
-        lr: learning rate, >= 0.
+        lr: learning rate, >= 0; a float or a one-element tensor (kept on its device: a CUDA tensor lr
+            costs no host sync).
         betas: ``(b1, b2)``, each in [0, 1): interpolation for the update, decay of the momentum.
         weight_decay: decoupled weight decay, >= 0.
         maximize: maximize the objective instead of minimizing it.
         foreach: use multi-tensor kernels; ``None`` picks them on CUDA.
-        fused: run a ``torch.compile``'d multi-tensor step (one fused kernel pass; hyper-parameters
-            enter as device tensors so schedules never recompile). Meant for CUDA; compiles once
-            per parameter set, needs a working ``torch.compile`` (Triton on CUDA, a C++ compiler on CPU).
+        compiled: run the multi-tensor step through ``torch.compile`` (a generated kernel, not
+            torch.optim's hand-written ``fused=`` kernels; no GradScaler fusion). Hyper-parameters enter
+            as device tensors, so schedules never recompile. Meant for CUDA; compiles once per parameter
+            set and needs a working ``torch.compile`` (Triton on CUDA, a C++ compiler on CPU).
 
     Raises:
-        ValueError: lr or weight_decay negative, a beta outside [0, 1), or ``foreach`` and ``fused`` both True.
+        ValueError: lr or weight_decay negative, a beta outside [0, 1), or ``foreach`` and ``compiled`` both True.
         TypeError: an argument has the wrong type.
 
     Example:
@@ -73,21 +81,34 @@ class Lion(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
-        fused: bool | None = None,
+        compiled: bool = False,
     ) -> None:
         check_number("lr", lr)
         check_betas(betas)
         check_number("weight_decay", weight_decay)
-        check_path_flags(maximize, foreach, fused)
+        check_path_flags(maximize, foreach, compiled)
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
             "weight_decay": weight_decay,
             "maximize": maximize,
             "foreach": foreach,
-            "fused": fused,
+            "compiled": compiled,
         }
         super().__init__(params, defaults)
+
+    buffer_name = "exp_avg"  # the momentum's key in the optimizer state
+
+    def betas(self, group: dict) -> tuple[float, float]:
+        """``(b1, b2)`` of a param group (Signum derives them from its momentum)."""
+        return group["betas"]
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            if "fused" in group:  # the old name of compiled
+                group.setdefault("compiled", bool(group.pop("fused")))
+        backfill(self, maximize=False, foreach=None, compiled=False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -102,18 +123,19 @@ class Lion(Optimizer):
         loss = evaluate(closure)
         for group in self.param_groups:
             params, grads = params_with_grad(group)
-            beta1, beta2 = group["betas"]
+            beta1, beta2 = self.betas(group)
+            stateless = beta1 == 0 and beta2 == 0  # the update is sign(g); no momentum to keep
             lion(
                 params,
                 grads,
-                zeros_state(self.state, params, "exp_avg"),
+                None if stateless else zeros_state(self.state, params, self.buffer_name),
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
                 foreach=group["foreach"],
-                fused=group["fused"],
+                compiled=group["compiled"],
             )
         return loss
 
@@ -121,7 +143,7 @@ class Lion(Optimizer):
 def lion(
     params: list[Tensor],
     grads: list[Tensor],
-    exp_avgs: list[Tensor],
+    exp_avgs: list[Tensor] | None,
     *,
     lr: float | Tensor,
     beta1: float,
@@ -129,13 +151,21 @@ def lion(
     weight_decay: float,
     maximize: bool,
     foreach: bool | None = None,
-    fused: bool | None = None,
+    compiled: bool = False,
 ) -> None:
-    """Functional Lion step, in place on ``params`` and ``exp_avgs``. See :class:`Lion`."""
+    """Functional Lion step, in place on ``params`` and ``exp_avgs``. See :class:`Lion`.
+
+    ``exp_avgs=None`` is the stateless case ``beta1 = 0`` (signSGD): the update is ``sign(g)`` and
+    no momentum is kept.
+    """
     if not params:
         return
-    if fused:
-        step_fn = _fused_lion
+    if exp_avgs is None and beta1 != 0:
+        raise ValueError("lion without momentum buffers needs beta1 = 0")
+    params, grads = real_views(params), real_views(grads)
+    exp_avgs = real_views(exp_avgs) if exp_avgs is not None else None
+    if compiled:
+        step_fn = _compiled_lion
     elif use_foreach(foreach, params):
         step_fn = _multi_tensor_lion
     else:
@@ -143,38 +173,57 @@ def lion(
     step_fn(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
 
 
+def _on(value: float | Tensor, device: torch.device) -> float | Tensor:
+    # a tensor hyper-parameter moves to the parameters' device (a no-op when it is there already)
+    return value.to(device) if isinstance(value, Tensor) else value
+
+
 def _single_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
-    lr = float(lr)
-    for param, grad, exp_avg in zip(params, grads, exp_avgs, strict=True):
+    for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        step_lr = _on(lr, param.device)
         if maximize:
             grad = -grad
-        update = exp_avg.lerp(grad, 1 - beta1).sign_()
+        update = grad.sign() if exp_avgs is None else exp_avgs[i].lerp(grad, 1 - beta1).sign_()
         if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        param.add_(update, alpha=-lr)
-        exp_avg.lerp_(grad, 1 - beta2)
+            param.mul_(1 - step_lr * weight_decay)
+        if isinstance(step_lr, Tensor):  # sign times lr is exact, so both forms give the same bits
+            param.sub_(update.mul_(step_lr))
+        else:
+            param.add_(update, alpha=-step_lr)
+        if exp_avgs is not None:
+            exp_avgs[i].lerp_(grad, 1 - beta2)
 
 
 def _multi_tensor_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
-    lr = float(lr)
-    for device_params, device_grads, device_exp_avgs in by_device_and_dtype(params, grads, exp_avgs):
+    lists = (params, grads) if exp_avgs is None else (params, grads, exp_avgs)
+    for device_params, device_grads, *device_exp_avgs in by_device_and_dtype(*lists):
+        step_lr = _on(lr, device_params[0].device)
         if maximize:
             device_grads = torch._foreach_neg(device_grads)
-        updates = torch._foreach_lerp(device_exp_avgs, device_grads, 1 - beta1)
-        torch._foreach_sign_(updates)
+        if exp_avgs is None:
+            updates = torch._foreach_sign(device_grads)
+        else:
+            updates = torch._foreach_lerp(device_exp_avgs[0], device_grads, 1 - beta1)
+            torch._foreach_sign_(updates)
         if weight_decay != 0:
-            torch._foreach_mul_(device_params, 1 - lr * weight_decay)
-        torch._foreach_add_(device_params, updates, alpha=-lr)
-        torch._foreach_lerp_(device_exp_avgs, device_grads, 1 - beta2)
+            torch._foreach_mul_(device_params, 1 - step_lr * weight_decay)
+        if isinstance(step_lr, Tensor):
+            torch._foreach_mul_(updates, step_lr)
+            torch._foreach_sub_(device_params, updates)
+        else:
+            torch._foreach_add_(device_params, updates, alpha=-step_lr)
+        if exp_avgs is not None:
+            torch._foreach_lerp_(device_exp_avgs[0], device_grads, 1 - beta2)
 
 
-def _fused_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
-    for device_params, device_grads, device_exp_avgs in by_device_and_dtype(params, grads, exp_avgs):
+def _compiled_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
+    lists = (params, grads) if exp_avgs is None else (params, grads, exp_avgs)
+    for device_params, device_grads, *device_exp_avgs in by_device_and_dtype(*lists):
         like = device_params[0]
-        compiled(_lion_kernel)(
+        compile_once(_lion_kernel)(
             device_params,
             device_grads,
-            device_exp_avgs,
+            device_exp_avgs[0] if device_exp_avgs else None,
             scalar(lr, like),
             scalar(beta1, like),
             scalar(beta2, like),
@@ -184,13 +233,17 @@ def _fused_lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maxi
 
 
 def _lion_kernel(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize):
-    # Traced by torch.compile into fused multi-tensor kernels; hyper-parameters are 0-dim tensors.
+    # Traced by torch.compile into fused multi-tensor kernels; hyper-parameters are 0-dim tensors
+    # (lerp takes no tensor weight in its multi-tensor form, hence mul + add).
     if maximize:
         grads = torch._foreach_neg(grads)
-    updates = torch._foreach_mul(exp_avgs, beta1)
-    torch._foreach_add_(updates, torch._foreach_mul(grads, 1 - beta1))
-    torch._foreach_sign_(updates)
+    if exp_avgs is None:
+        updates = torch._foreach_sign(grads)
+    else:
+        updates = torch._foreach_mul(exp_avgs, beta1)
+        torch._foreach_add_(updates, torch._foreach_mul(grads, 1 - beta1))
+        torch._foreach_sign_(updates)
+        torch._foreach_mul_(exp_avgs, beta2)
+        torch._foreach_add_(exp_avgs, torch._foreach_mul(grads, 1 - beta2))
     torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
-    torch._foreach_mul_(exp_avgs, beta2)
-    torch._foreach_add_(exp_avgs, torch._foreach_mul(grads, 1 - beta2))

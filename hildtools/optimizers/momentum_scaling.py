@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim import SGD, Optimizer
 from torch.optim.optimizer import ParamsT
 
-from hildtools.optimizers._common import check_beta, check_number
+from hildtools._checks import check_beta, check_number
 
 __all__ = ["MomentumScaling", "ScaledMomentumSGD", "momentum_constant", "scaled_beta"]
 

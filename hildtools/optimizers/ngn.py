@@ -11,15 +11,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from hildtools._checks import check_beta, check_number, check_path_flags
 from hildtools.optimizers._common import (
     accumulation_dtype,
+    backfill,
     by_device_and_dtype,
-    check_beta,
-    check_number,
-    check_path_flags,
     check_unsharded,
     groups_with_grad,
     keep_if,
+    real_views,
     squared_norm,
     use_foreach,
     zeros_state,
@@ -44,11 +44,12 @@ class NGN(Optimizer):
     and the weight decay may differ per group. The weight decay is decoupled and scaled by the step
     actually taken (gamma, not sigma), so it shrinks with the step and never exceeds ``sigma * wd``.
 
-    NGN-M (``momentum > 0``) is heavy ball with the NGN step inside the buffer, as in Algorithm 1 of
-    Islamov, Ajroldi, Orvieto & Lucchi (arXiv:2508.15071):
-    ``x_{k+1} = x_k - (1 - b) gamma_k g_k + b (x_k - x_{k-1})``, gamma_k from the current gradient.
-    (Transcribed from the paper's algorithm box as quoted in our research notes; the PDF itself was
-    not available to us.)
+    NGN-M (``momentum > 0``) is Algorithm 1 of Islamov, Ajroldi, Orvieto & Lucchi (arXiv:2508.15071),
+    heavy ball with the NGN step inside: ``x_{k+1} = x_k - (1 - b) gamma_k g_k + b (x_k - x_{k-1})``,
+    ``x_1 = x_0``, gamma_k from the loss and gradient at ``x_k`` (tested against the algorithm written
+    out). The paper's algorithm has no weight decay; here the decay ``x <- x - gamma_k wd x`` is applied
+    outside the buffer (decoupled, as in AdamW), so the momentum carries only the gradient steps.
+    A complex parameter is optimised as the pair of its real and imaginary parts.
 
     The loss is mandatory: ``step(closure)`` or ``step(loss=loss)``. Under ``torch.distributed`` the
     loss is averaged over ranks first, so every rank computes the same gamma (the gradients are
@@ -65,14 +66,14 @@ class NGN(Optimizer):
 
     Args:
         params: iterable of parameters or param groups.
-        lr: sigma, the largest step size, >= 0.
+        lr: sigma, the largest step size, > 0 (0 would never move; a scheduler may still reach 0).
         momentum: NGN-M momentum ``b`` in [0, 1); 0 is plain NGN.
         weight_decay: decoupled weight decay, >= 0.
         maximize: maximize the objective (a non-positive loss) instead of minimizing it.
         foreach: use multi-tensor kernels; ``None`` picks them on CUDA.
 
     Raises:
-        ValueError: lr or weight_decay negative, or momentum outside [0, 1).
+        ValueError: lr not positive, weight_decay negative, or momentum outside [0, 1).
         TypeError: an argument has the wrong type.
 
     Example:
@@ -96,7 +97,7 @@ class NGN(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        check_number("lr", lr)
+        check_number("lr", lr, open_low=True)
         check_beta("momentum", momentum)
         check_number("weight_decay", weight_decay)
         check_path_flags(maximize, foreach)
@@ -111,8 +112,16 @@ class NGN(Optimizer):
         check_unsharded("NGN", self)
         self._report = _SkipReport()
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group; its ``lr`` (sigma) must be > 0 like the constructor's (a scheduler may later
+        lower it to 0, which stops the group)."""
+        if "lr" in param_group:
+            check_number("lr", param_group["lr"], open_low=True)
+        super().add_param_group(param_group)
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        backfill(self, maximize=False, foreach=None)  # state dicts saved before these flags existed
         self._report = _SkipReport()  # transient, not pickled
 
     @torch.no_grad()
@@ -211,6 +220,7 @@ def ngn(
     """
     if not params:
         return
+    params, grads, momentum_buffers = real_views(params), real_views(grads), real_views(momentum_buffers)
     # The gradient term goes into the parameters (plain NGN) or, as (1 - b) gamma g, into the buffer (NGN-M).
     descent = 1.0 if maximize else -1.0
     grad_scale = descent * gamma if momentum == 0 else -descent * (1 - momentum) * gamma
@@ -232,29 +242,26 @@ def ngn(
 
 
 def _single_tensor_ngn(params, grads, buffers, *, gamma, ok, grad_scale, buffer_decay, momentum, weight_decay):
+    # The same operations as _multi_tensor_ngn, tensor by tensor, so both paths round alike (also in fp16).
     for param, grad, buf in zip(params, grads, buffers, strict=True):
         device = param.device
         if weight_decay != 0:
-            param.mul_(1 - gamma.to(device) * weight_decay)
-        target = param if momentum == 0 else buf.mul_(buffer_decay.to(device))
-        if ok is None:
-            target.addcmul_(grad, grad_scale.to(device))
-        else:
-            step = grad.mul(grad_scale.to(device))
+            param.sub_(param.mul(gamma.to(device) * weight_decay))
+        step = grad.mul(grad_scale.to(device))
+        if ok is not None:
             keep_if(ok, [step])
-            target.add_(step)
-        if momentum != 0:
-            if ok is None:
-                param.sub_(buf)
-            else:
-                param.addcmul_(buf, ok.to(device, gamma.dtype), value=-1)
+        if momentum == 0:
+            param.add_(step)
+            continue
+        buf.mul_(buffer_decay.to(device)).add_(step)
+        param.sub_(buf if ok is None else buf.mul(ok.to(device, gamma.dtype)))
 
 
 def _multi_tensor_ngn(params, grads, buffers, *, gamma, ok, grad_scale, buffer_decay, momentum, weight_decay):
     for device_params, device_grads, device_buffers in by_device_and_dtype(params, grads, buffers):
         device = device_params[0].device
         if weight_decay != 0:
-            torch._foreach_mul_(device_params, 1 - gamma.to(device) * weight_decay)
+            torch._foreach_sub_(device_params, torch._foreach_mul(device_params, gamma.to(device) * weight_decay))
         steps = torch._foreach_mul(device_grads, grad_scale.to(device))
         if ok is not None:
             keep_if(ok, steps)

@@ -12,13 +12,13 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from hildtools._checks import check_flag, check_number
 from hildtools.optimizers._common import (
     accumulation_dtype,
     by_device_and_dtype,
-    check_flag,
-    check_number,
     check_unsharded,
     groups_with_grad,
+    real_views,
     squared_norm,
     use_foreach,
 )
@@ -60,7 +60,10 @@ class SAM(Optimizer):
     optimization expect), perturbs, zeroes the gradients, calls the closure again, restores ``w``
     by copy (exact in bf16, unlike subtraction), and steps the base optimizer. It returns the first
     (clean) loss. ``param_groups`` and ``state`` are the base optimizer's, so checkpoints keep its
-    momentum and LR schedulers act on it.
+    momentum and LR schedulers act on it. Step hooks (global ones and SAM's own) fire once per
+    ``step``: the base's step then runs without torch's hook wrapper, so hooks registered on
+    ``sam.base_optimizer`` fire only in manual loops (:meth:`second_step`). A complex parameter is
+    perturbed as the pair of its real and imaginary parts (``||g||`` sums ``|g|^2``).
 
     ``model`` (optional, also settable as ``sam.model``) makes ``step`` correct for models with
     state in the forward pass: BatchNorm (any ``_NormBase``) running statistics are restored after
@@ -180,7 +183,11 @@ class SAM(Optimizer):
         frozen = frozen_norm_stats(self.model) if self.model is not None else contextlib.nullcontext()
         with frozen, torch.enable_grad():
             closure()
-        self.second_step()
+        self._restore()
+        # torch wraps every optimizer's step with the global and instance step hooks; this step already
+        # ran them for SAM, so the base's step runs unwrapped (global hooks fire once per SAM step)
+        base_step = type(self.base_optimizer).step
+        getattr(base_step, "__wrapped__", base_step)(self.base_optimizer)
         return loss
 
     @torch.no_grad()
@@ -221,12 +228,7 @@ class SAM(Optimizer):
         Raises:
             RuntimeError: no :meth:`first_step` before.
         """
-        if self._perturbed is None:
-            raise RuntimeError("second_step needs a first_step before it")
-        params, backups = self._perturbed
-        self._perturbed = None
-        if params:
-            _copy(params, backups, use_foreach(self.param_groups[0].get("foreach"), params))
+        self._restore()
         if scaler is not None:
             scaler.step(self.base_optimizer)
         else:
@@ -234,6 +236,15 @@ class SAM(Optimizer):
         self._opt_called = True  # an LR scheduler attached to SAM then knows the optimizer stepped
         if zero_grad:
             self.zero_grad()
+
+    def _restore(self) -> None:
+        """Copy back the weights saved by :meth:`first_step`."""
+        if self._perturbed is None:
+            raise RuntimeError("second_step needs a first_step before it")
+        params, backups = self._perturbed
+        self._perturbed = None
+        if params:
+            _copy(params, backups, use_foreach(self.param_groups[0].get("foreach"), params))
 
     def _backup_for(self, param: Tensor) -> Tensor:
         # One persistent buffer per parameter, outside `state` (transient, never checkpointed).
@@ -261,6 +272,7 @@ def _perturb(groups: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
     """``p += sign * rho * T^2 g / (||T g|| + eps)`` per group, with one global norm and no host sync."""
     prepared = []
     for group, params, grads in groups:
+        params, grads = real_views(params), real_views(grads)  # a complex number is a pair of reals
         foreach = use_foreach(group.get("foreach"), params)
         weights = _asam_weights(params, group["eta"], foreach) if group["adaptive"] else None
         scaled = _multiply(grads, weights, foreach) if weights is not None else grads
