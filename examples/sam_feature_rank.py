@@ -23,7 +23,7 @@ batch 64, 60 epochs, seed 0; measured once in a plain loop, not by this script) 
 99% feature rank of the penultimate features than SGD (30-39 vs 22). The paper's image-classification results are
 for ResNets on CIFAR-10/100 and Tiny ImageNet.
 
-    python examples/sam_feature_rank.py                          # SGD, SAM rho 0.05 and 0.2, n = 50; 41 s of CPU
+    python examples/sam_feature_rank.py                          # SGD, SAM rho 0.05 and 0.2, n = 50; 41-57 s of CPU
     python examples/sam_feature_rank.py --seeds 3                # mean ± std over three seeds
     python examples/sam_feature_rank.py --rhos 0 0.1 0.2 0.3 0.4 0.6 --n 20 --steps 20000   # the paper's sweep
 """

@@ -46,7 +46,7 @@ def positive_int_invalid(minimum=1):
 
 schedule_invalid = positive_int_invalid().filter(lambda v: v is not None)  # None: the monitor's default schedule
 optional_int_invalid = positive_int_invalid().filter(lambda v: v is not None)
-figures_invalid = st.one_of(st.text(min_size=1, max_size=3), st.integers(min_value=2), st.floats(min_value=2.0))
+figures_invalid = st.one_of(st.text(min_size=1, max_size=3), st.integers(), st.floats())
 positive_float_invalid = st.one_of(st.floats(max_value=0.0), non_finite, not_numbers, bools)
 unit_open_invalid = st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0), non_finite, not_numbers)
 beta_invalid = st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.0), non_finite)

@@ -11,7 +11,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hildtools.callbacks import EdgeOfStabilityMonitor
+from hildtools.callbacks import EdgeOfStabilityMonitor, InvariantSetMonitor
 from hildtools.logging import log_step
 from hildtools.metrics import NeuralCollapse, neural_collapse
 
@@ -74,3 +74,12 @@ def test_canary_lightning_still_has_the_row_index_log_step_reads():
                          enable_model_summary=False)  # fmt: skip
     trainer.fit(Module(), DataLoader(TensorDataset(torch.randn(6, 2)), batch_size=2))
     assert trainer.fit_loop.epoch_loop._batches_that_stepped == log_step(trainer) == 3
+
+
+@pytest.mark.parametrize("make", [lambda: EdgeOfStabilityMonitor(every_n_epochs=2),
+                                  lambda: InvariantSetMonitor(["net.0"], every_n_steps=3)])
+def test_state_key_keeps_lightnings_format_without_its_protected_helper(make):
+    """Checkpoints written before keep loading: the key equals what Callback._generate_state_key gave."""
+    monitor = make()
+    fields = {"every_n_steps": monitor.every_n_steps, "every_n_epochs": monitor.every_n_epochs, **monitor.key_fields()}
+    assert monitor.state_key == pl.Callback._generate_state_key(monitor, **fields)

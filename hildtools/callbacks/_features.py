@@ -27,7 +27,7 @@ def wants_figures(figures: bool | None, trainer: pl.Trainer) -> bool:
 
 
 def check_figures(figures: Any) -> None:
-    if figures not in (None, True, False):
+    if figures is not None and not isinstance(figures, bool):  # not `in (None, True, False)`: 0 == False
         raise ValueError(f"figures must be None (only with W&B), True or False, got {figures!r}")
 
 

@@ -89,9 +89,10 @@ class ScheduledMonitor(Callback):
     # -- Lightning hooks ------------------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs, **self.key_fields()
-        )
+        """``ClassName{constructor arguments}``: the format of Lightning's own callbacks, so that two monitors of
+        one class with different settings keep separate checkpoint entries."""
+        fields = {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs, **self.key_fields()}
+        return f"{type(self).__qualname__}{fields!r}"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name, strategy = type(self).__name__, type(trainer.strategy).__name__

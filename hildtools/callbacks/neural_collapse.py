@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from hildtools._checks import check_flag, check_ignore_index, check_int
 from hildtools.callbacks._features import FeatureMonitor, wants_figures
-from hildtools.callbacks._monitor import SkipMeasurement
+from hildtools.callbacks._monitor import SkipMeasurement, default_schedule
 from hildtools.distributed import all_finite
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.capture import FeatureCapture
@@ -99,8 +99,7 @@ class NeuralCollapseMonitor(FeatureMonitor):
         check_int("num_classes", num_classes, 2)
         check_flag("shift_labels", shift_labels)
         check_ignore_index(ignore_index, num_classes)
-        if every_n_steps is None and every_n_epochs is None:
-            every_n_epochs = 1
+        every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, epochs=1)
         super().__init__(
             layers=layers, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size,
             **kwargs,

@@ -39,7 +39,7 @@ from torch import Tensor
 from hildtools._checks import check_choice
 from hildtools.batches import batch_size, map_tensors
 from hildtools.callbacks._features import check_figures, wants_figures
-from hildtools.callbacks._monitor import Monitor, SkipMeasurement
+from hildtools.callbacks._monitor import Monitor, SkipMeasurement, default_schedule
 from hildtools.distributed import all_reduce_mean, is_distributed, unwrap
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.kernel import (
@@ -123,8 +123,7 @@ class NTKAlignmentMonitor(Monitor):
         check_figures(figures)
         if params is not None and (isinstance(params, str) or not all(isinstance(p, str) for p in params)):
             raise ValueError(f"params must be None or a sequence of parameter names, got {params!r}")
-        if every_n_steps is None and every_n_epochs is None:
-            every_n_steps = 100
+        every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, **kwargs)
         self.ntk_options = {"output": output, "output_index": output_index, "method": method, "chunk_size": chunk_size,
                             "sketch_dim": sketch_dim, "seed": seed, "product_dtype": product_dtype}  # fmt: skip
