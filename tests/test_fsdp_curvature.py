@@ -69,7 +69,9 @@ def test_curvature_monitors_under_fsdp_equal_the_whole_model(sharding, sizes):
     _, hessian, eos = first["metrics"]
     for i in range(2):
         assert hessian[f"hessian/eig_{i}"] == pytest.approx(float(exact[i]), rel=1e-3)
+        assert abs(hessian[f"hessian/eig_{i}"] - exact[i]) <= hessian[f"hessian/eig_{i}_err"]
     assert eos["eos/sharpness"] == pytest.approx(float(exact[0]), rel=1e-3)
+    assert abs(eos["eos/sharpness"] - exact[0]) <= eos["eos/sharpness_err"]
     assert eos["eos/threshold"] == pytest.approx(2 / 0.1)
 
 

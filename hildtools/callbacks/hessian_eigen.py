@@ -105,7 +105,8 @@ class HessianEigenMonitor(CurvatureMonitor):
         on = {"device": operator.device, "dtype": operator.dtype}
         init = self.vectors if self.vectors is not None and self.vectors.shape[0] == operator.size else None
         result = lanczos(operator.matvec, operator.size, self.k, tol=self.tol, max_iter=self.max_iter,
-                         init=init, seed=self.last_step, inner=operator.inner, **on)
+                         init=init, seed=self.last_step, inner=operator.inner,
+                         product_error=lambda: operator.product_error, **on)
         values, vectors = result.eigenvalues, result.eigenvectors
         metrics = {f"eig_{i}": value for i, value in enumerate(values)}
         metrics.update({f"eig_{i}_err": bound for i, bound in enumerate(result.error_bounds.tolist())})

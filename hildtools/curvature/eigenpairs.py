@@ -105,4 +105,4 @@ def hessian_eigenpairs(
         raise ValueError(f"k must be at most the number of parameters ({operator.dimension}), got {k}")
     return lanczos(operator.matvec, operator.size, k, tol=tol, max_iter=max_iter, init=init, smallest=smallest,
                    basis_device=basis_device, seed=seed, device=operator.device, dtype=operator.dtype,
-                   inner=operator.inner)
+                   inner=operator.inner, product_error=lambda: operator.product_error)

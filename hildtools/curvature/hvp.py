@@ -99,7 +99,8 @@ class HessianOperator:
     * ``"finite_difference"``: gradients only, four per product (central differences with Richardson
       extrapolation, :mod:`hildtools.curvature.finite_difference`); works for sharded models, fused kernels and
       ``once_differentiable`` functions, assumes a smooth loss. ``last_error`` holds the relative error estimate of
-      the last product.
+      the last product, ``product_error`` the largest so far (0 for double backward, exact up to rounding; NaN
+      for plain central differences, which have no estimate); Lanczos adds it to its error bounds.
     * ``"auto"`` (default): finite differences for sharded (FSDP) models; otherwise one product on a random
       direction both ways, at construction: double backward is kept when it runs and agrees (see
       :data:`AGREEMENT`), else finite differences are used, with a one-line warning (double backward missing, e.g.
@@ -178,6 +179,7 @@ class HessianOperator:
         self.num_matvecs = 0
         self.batched = True  # matmat in one batched double backward, until an operation refuses
         self.last_error: float = math.nan
+        self.product_error: float = 0.0
         names = {id(p): name for name, p in self.model.named_parameters(remove_duplicate=False)}
         if any(id(p) not in names for p in self.params):
             raise ValueError("params must be parameters of model")
@@ -356,8 +358,11 @@ class HessianOperator:
         if self.sharded is None:  # FSDP's backward already averages over ranks
             differences = tuple(all_reduce_mean(torch.stack(differences)))
         product, error = extrapolated(*differences)
-        if error is not None:
+        if error is None:
+            self.product_error = math.nan
+        else:
             self.last_error = self._norm(error) / max(self._norm(product), torch.finfo(torch.float64).tiny)
+            self.product_error = max(self.product_error, self.last_error)  # stays NaN once NaN
         return product
 
     def _differences(self, vector: Tensor, extrapolate: bool | None = None) -> tuple[Tensor, ...]:

@@ -23,7 +23,9 @@ Error bounds (a posteriori, per returned value, for the eigenvalue ``lambda`` of
 (residual <= ``tol`` relative and <= ``GAP_TRUST`` times their distance) and
 ``gap_i = min_j (|theta_i - theta_j| - r_j) > r_i`` over those neighbours,
 ``|theta_i - lambda| <= r_i^2 / gap_i`` (Kato-Temple, the "gap" bound); plus the products' rounding,
-``ROUNDING_BOUND * eps(dtype) * max|theta|``. The gap is estimated from the Ritz values, so the gap bound assumes
+``ROUNDING_BOUND * eps(dtype) * max|theta|``, and, for inexact products (finite differences) with relative error
+``product_error``, ``product_error * max|theta|`` (the eigenvalues of ``H + E`` with ``||E|| <= product_error ||H||``
+are within that of H's, Weyl). The gap is estimated from the Ritz values, so the gap bound assumes
 that no eigenvalue the Krylov space has not yet seen lies inside it (the assumption behind every Krylov estimate;
 requiring converged neighbours makes such a hidden eigenvalue unlikely). Both bounds are to the NEAREST eigenvalue:
 that ``theta_1`` approximates ``lambda_1`` (not ``lambda_2`` with ``lambda_1`` unseen) is the same assumption.
@@ -261,6 +263,7 @@ def lanczos(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     inner: Inner = local_inner,
+    product_error: Callable[[], float] | None = None,
 ) -> Eigenpairs:
     """The k largest (algebraic) eigenpairs of the symmetric operator ``matvec`` on vectors of ``size`` entries.
 
@@ -289,6 +292,9 @@ def lanczos(
         dtype: dtype of the vectors passed to ``matvec`` (the basis and recurrence are float64).
         inner: the inner product (see :data:`Inner`); with sharded vectors ``size`` is this rank's number of
             entries, every rank must call, and all take the same decisions (every scalar is all-reduced).
+        product_error: ``() -> float``, the relative error of the products so far, read after the last product and
+            added to every error bound times ``max|theta|`` (e.g. ``lambda: operator.product_error`` for
+            finite-difference products); default: products exact up to rounding.
 
     Returns:
         :class:`Eigenpairs`.
@@ -329,7 +335,9 @@ def lanczos(
             break
         if beta <= floor * scale:  # invariant subspace: its Ritz pairs are exact, continue in the complement
             process.restart(gaussian_vector(size, generator, device, BASIS_DTYPE))
-    bounds, kinds = error_bounds(theta, residuals, tol, ROUNDING_BOUND * torch.finfo(dtype).eps * scale.item())
+    inexact = 0.0 if product_error is None else product_error()
+    allowance = (ROUNDING_BOUND * torch.finfo(dtype).eps + inexact) * scale.item()  # rounding, inexact products
+    bounds, kinds = error_bounds(theta, residuals, tol, allowance)
     vectors = process.ritz_vectors(coefficients[:, top])
     result = Eigenpairs(theta[top], vectors, residuals[top], converged, process.length, error_bounds=bounds[top],
                         bound_kinds=tuple(kinds[i] for i in top.tolist()))
