@@ -91,8 +91,8 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         check_optional_int("param_group", param_group, 0)
         every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
-            every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, bn_mode=bn_mode,
-            measure_at_start=measure_at_start, hvp=hvp, **kwargs,
+            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, tol=tol,
+            max_iter=max_iter, bn_mode=bn_mode, measure_at_start=measure_at_start, hvp=hvp, **kwargs,
         )
         self.edge_ratio = float(edge_ratio)
         self.optimizer_index = optimizer_index

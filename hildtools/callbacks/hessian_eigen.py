@@ -80,8 +80,8 @@ class HessianEigenMonitor(CurvatureMonitor):
         max_iter = max(60, 10 * k) if max_iter is None else max_iter
         every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
-            every_n_steps=every_n_steps, probe_size=probe_size, tol=tol, max_iter=max_iter, min_iter=k,
-            bn_mode=bn_mode, hvp=hvp, **kwargs,
+            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, tol=tol,
+            max_iter=max_iter, min_iter=k, bn_mode=bn_mode, hvp=hvp, **kwargs,
         )
         self.k = k
         self.trace = trace
