@@ -6,9 +6,10 @@ After ``m`` steps the Lanczos basis ``Q_m`` and tridiagonal ``T_m = Q_m^T H Q_m`
 ``|beta_m s_{m,i}|`` at no extra cost. Since some eigenvalue lies within the residual of every Ritz value, and
 within ``residual^2 / gap`` once converged, stopping when ``|beta_m s_{m,i}| <= tol |theta_i|`` for each of the
 top k is a relative accuracy guarantee (not a "stopped changing" heuristic like power iteration's). Each new
-vector is re-orthogonalised against the whole basis twice (classical Gram-Schmidt twice, "twice is enough"), so
-no spurious copies of converged eigenvalues appear. Randomness (the start vector, restarts after an invariant
-subspace is found) comes from a private generator on the CPU, so results do not depend on the device.
+vector is re-orthogonalised against the whole basis (classical Gram-Schmidt, a second pass when the first cancelled
+most of the vector: the DGKS criterion, "twice is enough"), so no spurious copies of converged eigenvalues appear.
+Randomness (the start vector, restarts after an invariant subspace is found) comes from a private generator on the
+CPU, so results do not depend on the device.
 
 Precision: the operator products run in the caller's ``dtype`` (the model's), but the basis, the recurrence
 (alpha, beta, re-orthogonalisation) and the eigenproblem of ``T_m`` run in float64 (``BASIS_DTYPE``): an fp32
@@ -76,6 +77,9 @@ empirical allowance for the products' rounding, which moved fp32 eigenvalues by 
 GAP_TRUST = 0.1
 """A neighbouring Ritz value bounds the gap only when its residual is below ``GAP_TRUST`` times its distance (and
 below ``tol`` relative): a spectrum resolved that finely leaves little room for an eigenvalue not yet seen."""
+
+DGKS = 2**-0.5
+"""Re-orthogonalise a second time when one Gram-Schmidt pass left less than this fraction of the vector's norm."""
 
 CONFIRM_FRACTION = 0.25
 """After the residual test first passes at step m, confirm it ``ceil(CONFIRM_FRACTION * m)`` steps later."""
@@ -153,11 +157,16 @@ class LanczosProcess:
         return self.blocks[:full] + ([self.blocks[full][:rest]] if rest else [])
 
     def orthogonalize(self, vector: Tensor) -> Tensor:
-        """``vector`` minus its projection on the basis, by two passes of block Gram-Schmidt (in ``BASIS_DTYPE``)."""
+        """``vector`` minus its projection on the basis, by block Gram-Schmidt (in ``BASIS_DTYPE``), repeated once
+        when the first pass removed more than ``1 - DGKS`` of its norm (Daniel, Gragg, Kaufman & Stewart 1976: a
+        second pass is needed only then, and "twice is enough")."""
         vector = vector.to(self.basis_device, BASIS_DTYPE)
         for _ in range(2):
+            before = _norm(vector, self.inner)
             for block in self._stored():
                 vector = vector - block.T @ self.inner(block, vector)
+            if _norm(vector, self.inner) > DGKS * before:  # all-reduced: every rank takes the same branch
+                break
         return vector.to(self.device)
 
     def step(self) -> float:
