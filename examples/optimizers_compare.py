@@ -200,6 +200,7 @@ def plot(results, sigmas, epochs, out) -> str:
     axes[0].set(xlabel="epoch", ylabel="train loss (epoch mean)", title="Lion vs Signum vs AdamW")
     axes[1].set(xlabel="step", ylabel="step size gamma", title="NGN's self-tuned step (dashed: sigma)")
     axes[2].set(xlabel="epoch", ylabel="train loss (epoch mean)", title="NGN (sigma) vs SGD (lr) on one grid")
+    axes[2].set_ylim(top=10)  # a diverging SGD run would stretch the axis over many decades
     for ax in axes:
         ax.legend(fontsize="small")
     figure.suptitle("drop-in optimizers on digits (BatchNorm CNN, batch 64; first seed)")

@@ -142,3 +142,15 @@ def test_silent_alignment_passes_and_a_large_initialisation_fails(tmp_path):
     status, criteria = verdict(ok(run_example("silent_alignment.py", "--tiny", "--init-scale", "0.5", "--out",
                                               str(tmp_path / "control"))), "silent_alignment")
     assert status == "FAIL" and not criteria["small init: task alignment rises by >= 0.1"]
+
+
+def test_verdict_over_seeds_passes_only_when_every_seed_does(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+    common = importlib.import_module("phenomena_common")
+    combined = common.combine([[("rises", True), ("falls", True)], [("rises", False), ("falls", True)]])
+    assert combined == [("rises (1/2 seeds)", False), ("falls (2/2 seeds)", True)]
+    assert common.mean_spread([1.0, 2.0, 3.0], ".2f") == "2.00 ± 1.00"
+    assert common.mean_spread([0.5, None], ".2f") == "0.50" and common.mean_spread([None]) == "n/a"
+    assert not common.report("demo", combined, "numbers", None, [0, 1])
+    status, criteria = verdict(capsys.readouterr().out, "demo")
+    assert status == "FAIL" and criteria == {"rises (1/2 seeds)": False, "falls (2/2 seeds)": True}

@@ -38,6 +38,11 @@ from torch.testing._internal.common_optimizers import (
     OptimizerInput,
 )
 
+# Importing torch's internal test utilities calls torch.backends.disable_global_flags(), after which every later
+# Trainer in this pytest process fails setting cudnn flags; undo it (torch has no public inverse).
+torch.backends.disable_global_flags.__globals__["__allow_nonbracketed_mutation_flag"] = True
+assert not torch.backends.flags_frozen()
+
 
 def lion_inputs(device=None, dtype=None):
     return [
