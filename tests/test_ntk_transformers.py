@@ -168,4 +168,5 @@ def test_monitor_default_on_a_causal_lm_is_the_projection_over_positions_and_voc
         trainer.fit(module, DataLoader(torch.utils.data.TensorDataset(ids, ids), batch_size=8))
     expected = empirical_ntk(module.eval(), ids, output="projection")
     torch.testing.assert_close(monitor.last_kernel, expected, rtol=1e-5, atol=0)
-    assert {"ntk/trace", "ntk/init_alignment", "ntk/relative_change", "ntk/effective_rank"} == set(monitor.last_metrics)
+    assert {"ntk/trace", "ntk/init_alignment", "ntk/relative_change", "ntk/effective_rank", "ntk/seconds"} == set(
+        monitor.last_metrics)
