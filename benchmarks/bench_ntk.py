@@ -12,7 +12,7 @@ convention gives the same kernel), n = 256 random inputs, kernel convention ``"s
 2. ``empirical_ntk`` with its default chunk (the rows fitting 1 GiB) and fp64 products (default) or fp32 products,
    then a sweep of ``chunk_size`` (fp32 products): peak memory follows the chunk (about 2 x chunk_size x P x 4 bytes plus activations; chunk_size counts Jacobian rows, i.e.
    example-output pairs), not n x P.
-3. the sketched kernel (``sketch_dim`` = 512 by default) and its relative Frobenius error.
+3. the forward-only sketch (``method="sketch"``, ``sketch_dim`` = 512 by default) and its relative Frobenius error.
 
 ``--transformer`` runs the language-model benchmark instead (:func:`transformer_benchmark`): a 2-layer GPT-2.
 
@@ -74,7 +74,7 @@ def method(args, name):
         chunk = int(name.rsplit("_", 1)[1])
         return lambda model, x: empirical_ntk(model, x, chunk_size=chunk, product_dtype=torch.float32)
     if name == "ours_sketch":
-        return lambda model, x: empirical_ntk(model, x, sketch_dim=args.sketch_dim)
+        return lambda model, x: empirical_ntk(model, x, method="sketch", sketch_dim=args.sketch_dim)
     raise ValueError(name)
 
 
@@ -209,9 +209,13 @@ def transformer_benchmark(args):
     naive, reference = seconds(lambda: naive_projection_ntk(model, ids), args.repeats)
     ours, kernel = seconds(lambda: empirical_ntk(model, ids, output="auto"), args.repeats)
     ours_masked, kernel_masked = seconds(lambda: empirical_ntk(model, masked, output="auto"), args.repeats)
+    k = 64
+    sketch, kernel_sketch = seconds(lambda: empirical_ntk(model, ids, output="auto", method="sketch", sketch_dim=k), 1)
     rows = [("naive per-example loop (autograd.grad per example)", naive, reference),
             ("empirical_ntk(output='auto'), input_ids (vmap over examples)", ours, kernel),
-            ("empirical_ntk(output='auto'), dict with attention_mask (per-example fallback)", ours_masked, kernel_masked)]  # fmt: skip
+            ("empirical_ntk(output='auto'), dict with attention_mask (per-example fallback)", ours_masked, kernel_masked),
+            (f"empirical_ntk(output='auto', method='sketch', sketch_dim={k}): {2 * k} forwards, no backward", sketch,
+             kernel_sketch)]  # fmt: skip
     # the exact "sum" over positions x vocabulary (the old default): time 256 Jacobian rows, extrapolate to n*T*V
     from hildtools.metrics.ntk import TangentModel
 

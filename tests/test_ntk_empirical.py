@@ -168,39 +168,19 @@ def test_parameter_subset_by_name_or_tensor():
     assert_relative(empirical_ntk(model, x), reference_kernel(frozen, "sum"))  # frozen parameters are excluded
 
 
-def test_sketch_is_seeded_chunk_independent_and_every_convention_runs():
+def test_sketch_is_seeded_and_every_convention_runs():
     torch.manual_seed(0)
     model = mlp().double()
     x = data((4,), n=5)
-    first = empirical_ntk(model, x, sketch_dim=64, seed=1, chunk_size=1)
-    torch.testing.assert_close(empirical_ntk(model, x, sketch_dim=64, seed=1, chunk_size=100), first, rtol=1e-12, atol=0)
-    assert not torch.allclose(empirical_ntk(model, x, sketch_dim=64, seed=2), first)
+    first = empirical_ntk(model, x, method="sketch", sketch_dim=64, seed=1)
+    torch.testing.assert_close(empirical_ntk(model, x, method="sketch", sketch_dim=64, seed=1), first, rtol=0, atol=0)
+    assert not torch.allclose(empirical_ntk(model, x, method="sketch", sketch_dim=64, seed=2), first)
     for output in OUTPUTS:
         index = 0 if output == "index" else None
         exact = empirical_ntk(model, x, output=output, output_index=index)
-        sketch = empirical_ntk(model, x, output=output, output_index=index, sketch_dim=4096)
+        sketch = empirical_ntk(model, x, output=output, output_index=index, method="sketch", sketch_dim=1024)
         assert sketch.shape == exact.shape and sketch.dtype == torch.float64
-        assert (sketch - exact).norm() / exact.norm() < 0.2
-
-
-def test_sketch_error_matches_the_stated_variance():
-    """Var(K~_ij) = (K_ii K_jj + K_ij^2) / k and E||K~ - K||_F^2 = (tr(K)^2 + ||K||_F^2) / k, over 40 seeds."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)).double()
-    x = data((6,), n=8)
-    exact = empirical_ntk(model, x)
-    k, seeds = 32, range(40)
-    sketches = torch.stack([empirical_ntk(model, x, sketch_dim=k, seed=s) for s in seeds])
-    diagonal = exact.diagonal()
-    entry_variance = (torch.outer(diagonal, diagonal) + exact**2) / k
-    normalised = ((sketches - exact) ** 2 / entry_variance).mean()  # 1 in expectation
-    assert 0.75 < normalised < 1.3
-    frobenius = ((sketches - exact) ** 2).sum((1, 2)).mean() / ((exact.trace() ** 2 + exact.norm() ** 2) / k)
-    assert 0.6 < frobenius < 1.5
-    bias = (sketches.mean(0) - exact).abs() / (entry_variance / len(seeds)).sqrt()
-    assert bias.max() < 4.5  # unbiased: within 4.5 standard errors everywhere
-    relative_diagonal_std = ((sketches.diagonal(dim1=1, dim2=2) / diagonal - 1) ** 2).mean().sqrt()
-    assert relative_diagonal_std == pytest.approx((2 / k) ** 0.5, rel=0.25)
+        assert (sketch - exact).norm() / exact.norm() < 0.25
 
 
 def test_no_side_effects_and_accumulation_dtype():
@@ -211,7 +191,7 @@ def test_no_side_effects_and_accumulation_dtype():
     x = torch.randn(6, 4)
     rng = torch.get_rng_state()
     with torch.inference_mode():  # works from inference/no-grad contexts too
-        kernel = empirical_ntk(model, x, output="projection", sketch_dim=128)
+        kernel = empirical_ntk(model, x, output="projection", method="sketch", sketch_dim=128)
     assert kernel.dtype == torch.float64
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
@@ -249,7 +229,10 @@ def test_dropout_in_train_mode_is_refused_and_inactive_dropout_allowed():
         ({"output": "index", "output_index": 3}, r"output_index must be in \[0, 3\)"),
         ({"output_index": 1}, "only used with output='index'"),
         ({"chunk_size": 0}, "chunk_size must be an integer >= 1"),
-        ({"sketch_dim": 0}, "sketch_dim must be an integer >= 1"),
+        ({"method": "sketch", "sketch_dim": 0}, "sketch_dim must be an integer >= 1"),
+        ({"sketch_dim": 8}, "sketch_dim is only used with method='sketch'"),
+        ({"method": "sketch", "chunk_size": 8}, "chunk_size is only used with method='exact'"),
+        ({"method": "forward"}, "method must be one of"),
         ({"seed": -1}, "seed must be an integer >= 0"),
         ({"params": ["nope"]}, "params: nope is not a parameter"),
         ({"params": []}, "params: no parameters"),
@@ -275,9 +258,9 @@ def kernels_on_rank(rank, world_size):
     model = mlp().double()
     x = data((4,), n=7)
     return [
-        empirical_ntk(model, x, output=output, chunk_size=2, distributed=True, sketch_dim=sketch)
+        empirical_ntk(model, x, output=output, distributed=True, **options)
         for output in ("sum", "full")
-        for sketch in (None, 256)
+        for options in ({"chunk_size": 2}, {"method": "sketch", "sketch_dim": 16})
     ]
 
 
@@ -287,9 +270,9 @@ def test_distributed_chunks_give_the_single_process_kernel():
     model = mlp().double()
     x = data((4,), n=7)
     expected = [
-        empirical_ntk(model, x, output=output, chunk_size=2, sketch_dim=sketch)
+        empirical_ntk(model, x, output=output, **options)
         for output in ("sum", "full")
-        for sketch in (None, 256)
+        for options in ({"chunk_size": 2}, {"method": "sketch", "sketch_dim": 16})
     ]
     for kernels in run_ranks(kernels_on_rank, world_size=2):
         for kernel, reference in zip(kernels, expected):
@@ -307,7 +290,7 @@ def test_cuda_matches_cpu_and_bf16_accumulates_in_fp64(output):
     cuda = empirical_ntk(model.cuda(), x.cuda(), output=output, output_index=index, chunk_size=5)
     assert cuda.device.type == "cuda"
     assert_relative(cuda.cpu(), cpu, tol=1e-10)
-    sketch = empirical_ntk(model, x.cuda(), output=output, output_index=index, sketch_dim=4096)
+    sketch = empirical_ntk(model, x.cuda(), output=output, output_index=index, method="sketch", sketch_dim=4096)
     assert (sketch.cpu() - cpu).norm() / cpu.norm() < 0.2
     half = empirical_ntk(model.bfloat16(), x.cuda().bfloat16(), output=output, output_index=index)
     assert half.dtype == torch.float64

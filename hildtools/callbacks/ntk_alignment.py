@@ -42,6 +42,7 @@ from hildtools.metrics.kernel import (
     kernel_effective_rank,
     kernel_eigenvalues,
     relative_change,
+    target_alignment_numerator,
 )
 from hildtools.metrics.ntk import PRODUCT_DTYPES, check_ntk_args, empirical_ntk
 
@@ -57,8 +58,12 @@ class NTKAlignmentMonitor(Monitor):
             language model's positions x vocabulary), ``"sum"``, ``"mean"``, ``"index"``, ``"projection"`` or
             ``"full"``.
         output_index: the output for ``output="index"``.
-        chunk_size: Jacobian rows computed at once (bounds memory; default: the rows fitting 1 GiB).
-        sketch_dim: compute a Gaussian sketch of the kernel with this dimension instead of the exact one.
+        method: ``"exact"`` (default) or ``"sketch"``: the unbiased kernel sketch from ``2 x sketch_dim`` forward
+            passes (no backward through the model for the kernel; see :mod:`hildtools.metrics.ntk_sketch`); the
+            target alignments then use the exact numerator ``<K, Y Y^T> = sum ||J^T Y_b||^2`` (backward passes,
+            :func:`hildtools.metrics.target_alignment_numerator`) over the sketch's ``||K~||_F``.
+        chunk_size: (exact) Jacobian rows computed at once (bounds memory; default: the rows fitting 1 GiB).
+        sketch_dim: (sketch) the number of random directions (default 256).
         seed: seeds the ``"projection"`` vector and the sketch.
         params: names of the parameters (relative to the LightningModule) whose tangent kernel is measured;
             default: every parameter with ``requires_grad``.
@@ -86,6 +91,7 @@ class NTKAlignmentMonitor(Monitor):
         probe_size: int = 256,
         output: str = "auto",
         output_index: int | None = None,
+        method: str = "exact",
         chunk_size: int | None = None,
         sketch_dim: int | None = None,
         seed: int = 0,
@@ -96,7 +102,7 @@ class NTKAlignmentMonitor(Monitor):
     ) -> None:
         if "loss_fn" in kwargs:
             raise TypeError("NTKAlignmentMonitor measures the model's outputs, not a loss: loss_fn is not used")
-        check_ntk_args(output, output_index, chunk_size, sketch_dim, seed)
+        check_ntk_args(output, output_index, chunk_size, sketch_dim, seed, method)
         check_choice("product_dtype", product_dtype, PRODUCT_DTYPES)
         check_figures(figures)
         if params is not None and (isinstance(params, str) or not all(isinstance(p, str) for p in params)):
@@ -104,7 +110,7 @@ class NTKAlignmentMonitor(Monitor):
         if every_n_steps is None and every_n_epochs is None:
             every_n_steps = 100
         super().__init__(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, **kwargs)
-        self.ntk_options = {"output": output, "output_index": output_index, "chunk_size": chunk_size,
+        self.ntk_options = {"output": output, "output_index": output_index, "method": method, "chunk_size": chunk_size,
                             "sketch_dim": sketch_dim, "seed": seed, "product_dtype": product_dtype}  # fmt: skip
         self.params = None if params is None else list(params)
         self.figures = figures
@@ -140,21 +146,28 @@ class NTKAlignmentMonitor(Monitor):
             "effective_rank": kernel_effective_rank(kernel),
             "init_alignment": kernel_alignment_between(kernel, initial),
             "relative_change": relative_change(kernel, initial),
-            **self.target_alignments(kernel, targets),
+            **self.target_alignments(kernel, targets, module, inputs),
         }
         if wants_figures(self.figures, trainer):
             self.log_spectrum(trainer, kernel)
         return {name: value for name, value in metrics.items() if torch.isfinite(value)}  # NaN: undefined alignment
 
-    def target_alignments(self, kernel: Tensor, targets: Any) -> dict[str, Tensor]:
-        """Uncentered and centered alignment with the probe targets; ``{}`` (one message) when there are none."""
+    def target_alignments(self, kernel: Tensor, targets: Any, module: Any, inputs: Any) -> dict[str, Tensor]:
+        """Uncentered and centered alignment with the probe targets; ``{}`` (one message) when there are none.
+        For a sketched kernel the numerators ``<K, T>`` are computed exactly, without the kernel."""
         reason = "the probe batch has no targets" if targets is None else None
         if reason is None:
             try:
-                return {
-                    "target_alignment": kernel_alignment(kernel, targets),
-                    "target_alignment_centered": kernel_alignment(kernel, targets, centered=True),
-                }
+                alignments = {}
+                for name, centered in (("target_alignment", False), ("target_alignment_centered", True)):
+                    numerator = None
+                    if self.ntk_options["method"] == "sketch":
+                        options = {key: self.ntk_options[key] for key in ("output", "output_index", "seed")}
+                        numerator = target_alignment_numerator(
+                            module, inputs, targets, centered=centered, params=self.params, **options
+                        )
+                    alignments[name] = kernel_alignment(kernel, targets, centered=centered, numerator=numerator)
+                return alignments
             except (TypeError, ValueError) as error:
                 reason = f"the probe targets are not usable ({error})"
         if not self._warned_targets:

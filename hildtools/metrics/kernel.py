@@ -92,13 +92,15 @@ def _divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     return numerator / denominator if denominator > 0 else torch.full_like(numerator, math.nan)
 
 
-def kernel_alignment(kernel: Tensor, y: Tensor, centered: bool = False) -> Tensor:
+def kernel_alignment(kernel: Tensor, y: Tensor, centered: bool = False, numerator: Tensor | None = None) -> Tensor:
     """Kernel-target alignment ``<K, T>_F / (||K||_F ||T||_F)`` (targets and centering in the module docstring).
 
     Args:
         kernel: (n, n) kernel, or (nC, nC) full kernel.
         y: (n,) integer labels or float targets, or (n, B) float targets ((n, C) for a full kernel).
         centered: centre kernel and target over the examples first (Cortes et al. 2012).
+        numerator: ``<K, T>_F`` (centred if ``centered``) computed elsewhere, e.g. exactly by
+            :func:`target_alignment_numerator` when ``kernel`` is a sketch; default: from ``kernel``.
 
     Returns:
         An fp64 scalar; NaN when the kernel or the (centered) target is zero.
@@ -122,6 +124,8 @@ def kernel_alignment(kernel: Tensor, y: Tensor, centered: bool = False) -> Tenso
     else:
         flat = targets.reshape(-1)
         inner, target_norm = flat @ kernel @ flat, flat @ flat
+    if numerator is not None:
+        inner = numerator.to(dtype=torch.float64, device=kernel.device)
     return _divide(inner, torch.linalg.norm(kernel) * target_norm)
 
 
@@ -218,6 +222,11 @@ def target_alignment_numerator(
     total = torch.zeros((), dtype=torch.float64, device=tangent.device)
     step = chunk_size or tangent.default_chunk_size(whole_batch=True)
     for start in range(0, len(cotangents), step):
-        (grads,) = vmap(tangent.vjp_fn)(cotangents[start : start + step])
+        block = cotangents[start : start + step]
+        try:
+            (grads,) = vmap(tangent.vjp_fn)(block)
+        except RuntimeError:  # an op of the backward graph without a batching rule: one backward per cotangent
+            parts = [tangent.vjp_fn(cotangent)[0] for cotangent in block]
+            grads = {name: torch.stack([part[name] for part in parts]) for name in parts[0]}
         total += sum(g.reshape(len(g), -1).double().square().sum() for g in grads.values())
     return total / tangent.num_outputs if tangent.output == "mean" else total

@@ -49,22 +49,14 @@ this costs about n times more). The module's buffers (running statistics, ``num_
 written: the forward runs on copies. Dropout active in train mode is refused: a random function has no tangent
 kernel.
 
-Sketch (``sketch_dim=k``). Every Jacobian row ``g`` (P entries) is replaced by ``R^T g / sqrt(k)``, with ``R``
-(P x k) of iid N(0, 1) entries generated blockwise from ``seed`` (never stored whole), and ``K~ = G~ G~^T``.
-Since ``E[(r.a)(r.b)] = a.b`` and ``Var[(r.a)(r.b)] = |a|^2 |b|^2 + (a.b)^2`` for ``r ~ N(0, I)``:
-
-- ``K~`` is unbiased and ``Var(K~_ij) = (K_ii K_jj + K_ij^2) / k``: the error of each entry relative to
-  ``sqrt(K_ii K_jj)`` has standard deviation at most ``sqrt(2/k)`` (exactly ``sqrt(2/k)`` on the diagonal);
-- ``E ||K~ - K||_F^2 / ||K||_F^2 = (1 + tr(K)^2 / ||K||_F^2) / k``, where ``tr(K)^2 / ||K||_F^2`` (the
-  participation ratio) lies between 1 and n: about ``sqrt(2/k)`` for a kernel dominated by one direction.
-
-The sketch needs no recomputation (memory ``n x C' x k``) but draws ``P x k`` Gaussians per chunk; it is for models
-whose exact kernel costs too many chunk pairs.
+Sketch (``method="sketch"``, ``sketch_dim=k``, default 256): ``K~ = (J S)(J S)^T`` with a seeded Gaussian ``S``
+(P x k, ``E[S S^T] = I``), ``J S`` from central finite differences of the outputs: ``2 k`` forward passes of the
+batch, no backward pass, no ``vmap`` through the model. Unbiased; ``Var(K~_ij) = (K_ii K_jj + K_ij^2) / k`` for
+one output per example (the general formula, the step and the accuracy in :mod:`hildtools.metrics.ntk_sketch`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -75,16 +67,25 @@ from torch.func import functional_call, jacrev, vjp, vmap
 from hildtools._checks import check_choice, check_int
 from hildtools.batches import batch_size, map_tensors
 from hildtools.distributed import all_reduce_mean, is_distributed
+from hildtools.metrics.ntk_sketch import SKETCH_DIM, sketched_jacobian
 
 OUTPUTS = ("sum", "mean", "index", "projection", "full", "auto")
+METHODS = ("exact", "sketch")
 AUTO_MAX_OUTPUTS = 16  # "auto": the exact sum up to this many outputs per example, the projection beyond
 PRODUCT_DTYPES = (torch.float64, torch.float32)
 CHUNK_BYTES = 2**30  # default chunk: the Jacobian rows fitting 1 GiB
 _BLOCK_ELEMENTS = 2**22  # converted copies and sketch matrices are made in blocks of at most this many entries
 
 
-def check_ntk_args(output: Any, output_index: Any, chunk_size: Any, sketch_dim: Any, seed: Any) -> None:
+def check_ntk_args(
+    output: Any, output_index: Any, chunk_size: Any, sketch_dim: Any, seed: Any, method: Any = "exact"
+) -> None:
     """Raise ValueError for an argument of :func:`empirical_ntk` outside its accepted range."""
+    check_choice("method", method, METHODS)
+    if method == "sketch" and chunk_size is not None:
+        raise ValueError(f"chunk_size is only used with method='exact', got {chunk_size!r} with method='sketch'")
+    if method == "exact" and sketch_dim is not None:
+        raise ValueError(f"sketch_dim is only used with method='sketch', got {sketch_dim!r} with method='exact'")
     check_choice("output", output, OUTPUTS)
     if output == "index":
         check_int("output_index", output_index, 0)
@@ -201,6 +202,11 @@ class TangentModel:
 
     def _batch_outputs(self, params: dict[str, Tensor]) -> Tensor:
         return self._call(params, self.x, self.n)
+
+    def selected_outputs(self, params: dict[str, Tensor]) -> Tensor:
+        """The (n, C') selected outputs of the whole batch, ``f(x) @ S`` (one batched forward)."""
+        out = self._batch_outputs(params)
+        return out if self.selection is None else out @ self.selection
 
     def _example_outputs(self, params: dict[str, Tensor], x_one: Any) -> Tensor:
         return self._call(params, map_tensors(lambda t: t.unsqueeze(0), x_one), 1)[0]
@@ -356,52 +362,13 @@ def _exact_kernel(
     return kernel
 
 
-def sketch_rows(rows: list[Tensor], sketch_dim: int, seeds: Tensor) -> Tensor:
-    """``R^T g / sqrt(k)`` for every row ``g``: (b, a, k). Block ``j`` of parameter ``p``'s rows of ``R`` is drawn
-    from a generator seeded with ``seeds[p]`` (consecutive blocks of :data:`_BLOCK_ELEMENTS`), on the rows' device."""
-    b, a, _ = rows[0].shape
-    dtype = torch.promote_types(rows[0].dtype, torch.float32)
-    sketch = torch.zeros(b * a, sketch_dim, dtype=dtype, device=rows[0].device)
-    step = max(1, _BLOCK_ELEMENTS // sketch_dim)
-    for part, seed in zip(rows, seeds.tolist()):
-        flat = part.reshape(b * a, -1)
-        generator = torch.Generator(device=flat.device).manual_seed(seed)
-        for start in range(0, flat.shape[1], step):
-            columns = flat[:, start : start + step]
-            projection = torch.randn(columns.shape[1], sketch_dim, generator=generator, device=flat.device, dtype=dtype)
-            sketch += columns.to(dtype) @ projection
-    return (sketch / math.sqrt(sketch_dim)).view(b, a, sketch_dim)
-
-
-def _sketched_kernel(
-    tangent: TangentModel,
-    chunks: list[tuple[range, range]],
-    full: bool,
-    owned: Callable,
-    sketch_dim: int,
-    seed: int,
-    reduce_sum: Callable[[Tensor], Tensor],
-) -> Tensor:
-    seeds = torch.randint(2**62, (len(tangent.params),), generator=torch.Generator().manual_seed(seed))
-    sketched = torch.zeros(tangent.n, tangent.num_selected, sketch_dim, dtype=torch.float64, device=tangent.device)
-    for u, (examples, outputs) in enumerate(chunks):
-        if owned(u):
-            rows = sketch_rows(tangent.rows(examples, outputs), sketch_dim, seeds)
-            sketched[examples.start : examples.stop, outputs.start : outputs.stop] = rows
-    sketched = reduce_sum(sketched)
-    if full:
-        flat = sketched.reshape(-1, sketch_dim)
-        return (flat @ flat.T).view(tangent.n, tangent.num_selected, tangent.n, tangent.num_selected)
-    flat = sketched.reshape(tangent.n, -1)
-    return flat @ flat.T
-
-
 def empirical_ntk(
     model: nn.Module,
     x: Any,
     *,
     output: str = "sum",
     output_index: int | None = None,
+    method: str = "exact",
     chunk_size: int | None = None,
     sketch_dim: int | None = None,
     seed: int = 0,
@@ -418,14 +385,17 @@ def empirical_ntk(
         output: ``"sum"`` (default), ``"mean"``, ``"index"``, ``"projection"``, ``"full"`` or ``"auto"`` (``"sum"``
             up to 16 outputs per example, else ``"projection"``); sequence outputs in the module docstring.
         output_index: the output used by ``output="index"``, in [0, C).
-        chunk_size: Jacobian rows (example-output pairs) computed at once, >= 1; peak memory is about
+        method: ``"exact"`` (default: per-example Jacobians by ``torch.func``) or ``"sketch"`` (unbiased, from
+            forward passes only: for models or strategies where backward-mode Jacobians are unavailable or too big).
+        chunk_size: (exact) Jacobian rows (example-output pairs) computed at once, >= 1; peak memory is about
             ``2 x chunk_size x P`` entries. Default: the rows fitting 1 GiB (at least one).
-        sketch_dim: project every Jacobian row to this many dimensions with a seeded Gaussian matrix
-            (error in the module docstring); ``None`` (default): exact.
+        sketch_dim: (sketch) the number k of random directions, >= 1 (default 256; 2k forward passes); each entry's
+            error relative to ``sqrt(K_ii K_jj)`` has standard deviation at most ``sqrt(2/k)`` (one output).
         seed: seeds the ``"projection"`` vector and the sketch (a private generator; the global RNG is not used).
         params: parameter names or parameter tensors to differentiate; default: all with ``requires_grad``.
-        distributed: split the chunks over the ranks of the initialised process group and all-reduce, so every
-            rank returns the whole kernel; every rank must call it with the same model and ``x``.
+        distributed: split the chunks (the sketch's directions) over the ranks of the initialised process group
+            and all-reduce, so every rank returns the whole kernel; every rank must call it with the same model and
+            ``x``.
         product_dtype: dtype of the Jacobian-block products (sums are in fp64 either way): ``torch.float64``
             (default, exact to rounding) or ``torch.float32`` (several times faster on CPUs and on GPUs without fast
             fp64; 1e-7 to 1e-5 relative error measured, about 1e-3 if TF32 matmuls are enabled, e.g. by
@@ -447,10 +417,9 @@ def empirical_ntk(
                 [1., 2., 1.],
                 [1., 1., 2.]], dtype=torch.float64)
     """
-    check_ntk_args(output, output_index, chunk_size, sketch_dim, seed)
+    check_ntk_args(output, output_index, chunk_size, sketch_dim, seed, method)
     check_choice("product_dtype", product_dtype, PRODUCT_DTYPES)
     tangent = TangentModel(model, x, output=output, output_index=output_index, seed=seed, params=params)
-    chunks = row_chunks(tangent.n, tangent.num_selected, chunk_size or tangent.default_chunk_size())
     shared = distributed and is_distributed()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if shared else (0, 1)
 
@@ -461,10 +430,18 @@ def empirical_ntk(
         return all_reduce_mean(tensor) * world if shared else tensor
 
     full = tangent.output == "full"
-    if sketch_dim is None:
+    if method == "exact":
+        chunks = row_chunks(tangent.n, tangent.num_selected, chunk_size or tangent.default_chunk_size())
         kernel = reduce_sum(_exact_kernel(tangent, chunks, full, owned, product_dtype))
     else:
-        kernel = _sketched_kernel(tangent, chunks, full, owned, sketch_dim, seed, reduce_sum)
+        shape = (tangent.n, tangent.num_selected)
+        sketched = sketched_jacobian(tangent.selected_outputs, tangent.params, shape, sketch_dim or SKETCH_DIM,
+                                     seed, owned)  # fmt: skip
+        sketched = reduce_sum(sketched)
+        flat = sketched.reshape(-1, sketched.shape[-1]) if full else sketched.reshape(tangent.n, -1)
+        kernel = flat @ flat.T
+        if full:
+            kernel = kernel.view(tangent.n, tangent.num_selected, tangent.n, tangent.num_selected)
     if tangent.output == "mean":
         kernel = kernel / tangent.num_outputs
     if full:
