@@ -68,9 +68,8 @@ def test_seeded_projection_is_fixed_and_preserves_distances():
 
 def test_hooks_are_removed_even_when_forward_raises():
     net = ConvNet()
-    with pytest.raises(RuntimeError):
-        with FeatureCapture(net, ["conv", "fc"]):
-            net(torch.randn(2, 5, 8, 8))  # wrong channel count
+    with pytest.raises(RuntimeError), FeatureCapture(net, ["conv", "fc"]):
+        net(torch.randn(2, 5, 8, 8))  # wrong channel count
     assert all(not module._forward_hooks for module in net.modules())
 
 
@@ -80,8 +79,39 @@ def test_bad_input():
         FeatureCapture(net, ["conv", "nonexistent"])
     with pytest.raises(ValueError, match="no nn.Linear"):
         FeatureCapture(nn.Sequential(nn.ReLU()))
-    for kwargs, match in (({"capture": "in"}, "capture"), ({"pool": "max"}, "pool"), ({"projection_dim": 0}, "projection_dim")):
+    for kwargs, match in (({"capture": "in"}, "capture"), ({"pool": "max"}, "pool"), ({"projection_dim": 0}, "projection_dim"),
+                          ({"projection_dim": True}, "projection_dim"), ({"capture": ["input"]}, "capture")):
         with pytest.raises(ValueError, match=match):
             FeatureCapture(net, **kwargs)
     with pytest.raises(ValueError, match="at least one"):
         FeatureCapture(net, [])
+
+
+def test_pool_none_keeps_token_positions_and_projects_the_feature_dimension():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 30), nn.Linear(30, 2))
+    x = torch.randn(3, 5, 4)
+    with FeatureCapture(net, "1", pool="none") as tokens, FeatureCapture(net, "1", pool="none", projection_dim=8) as small:
+        net(x)
+    hidden = net[0](x).detach()
+    torch.testing.assert_close(tokens.features["1"], hidden)
+    projection = small._projections["1"]
+    torch.testing.assert_close(small.features["1"], hidden @ projection)
+    assert small.features["1"].shape == (3, 5, 8)
+
+
+def test_default_layer_prefers_the_output_embeddings_of_a_hugging_face_style_model():
+    class LanguageModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(4, 10)
+            self.value_head = nn.Linear(4, 1)  # registered last: not the head whose input is the hidden state
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    wrapper = nn.Module()
+    wrapper.model = LanguageModel()
+    with FeatureCapture(wrapper) as capture:
+        wrapper.model.lm_head(torch.randn(2, 4))
+    assert capture.layers == ["model.lm_head"]

@@ -103,8 +103,12 @@ class TinyGPT2(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def test_monitor_on_gpt2_equals_dense_reference_on_lm_head_inputs():
-    """GPT-2 (Conv1D blocks, tied head): features = final hidden states (lm_head input) of every position."""
+def test_monitor_on_gpt2_equals_dense_reference_on_lm_head_inputs(monkeypatch):
+    """GPT-2 (Conv1D blocks, tied head): features = final hidden states (lm_head input) of every position, streamed:
+    the metric never sees more than one chunk of sequences, and each pass runs its own forwards."""
+    updates = []
+    original_update = NeuralCollapse.update
+    monkeypatch.setattr(NeuralCollapse, "update", lambda self, f, *a: updates.append(f.shape) or original_update(self, f, *a))
     torch.manual_seed(0)
     input_ids = torch.randint(0, 40, (64, 32))  # 40 of the 256 classes present
     labels = input_ids.clone()
@@ -116,6 +120,7 @@ def test_monitor_on_gpt2_equals_dense_reference_on_lm_head_inputs():
     pl.Trainer(max_steps=2, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False).fit(module, loader)
 
+    assert updates[-6:] == [(24, 32, 64), (24, 32, 64), (16, 32, 64)] * 2  # last measurement: 2 passes x 3 chunks
     module.eval()
     with torch.no_grad():
         hidden = module.model.transformer(input_ids=input_ids).last_hidden_state.double()

@@ -92,9 +92,10 @@ class FeatureMonitor(Monitor):
             rows = slice(start, start + self.batch_size)
             with capture, torch.no_grad():
                 output = _call(model, convert(map_tensors(lambda t, rows=rows: t[rows], inputs)))
-            missing = [name for name in capture.layers if name not in capture.features]
-            if missing:
-                raise ValueError(f"{type(self).__name__}: layers {missing} were not called by the model's forward")
+            if capture.missing:
+                raise ValueError(
+                    f"{type(self).__name__}: layers {capture.missing} were not called by the model's forward"
+                )
             yield map_tensors(lambda t, rows=rows: t[rows], targets), _output_tensor(output)
         with torch.no_grad():
             for _ in range(padding):

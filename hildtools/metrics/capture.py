@@ -149,6 +149,11 @@ class FeatureCapture:
         return self._projections[name]
 
     @property
+    def missing(self) -> list[str]:
+        """Layers with no captured rows (not called since the last :meth:`clear`)."""
+        return [name for name, rows in self._rows.items() if not rows]
+
+    @property
     def features(self) -> dict[str, Tensor]:
         """Captured rows per layer name, concatenated over the forward calls."""
         return {name: torch.cat(rows) for name, rows in self._rows.items() if rows}

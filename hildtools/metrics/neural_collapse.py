@@ -8,10 +8,11 @@ class never produces a NaN.
   centred means ``M = [mu_c - mu_G]`` (D x C').
 - ``Sigma_W = 1/N sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T`` (population, N = all samples);
   ``Sigma_B = M M^T / C'``.
-- ``nc1 = Tr(Sigma_W Sigma_B^+) / C'`` (Papyan's definition; his code omits ``/C``). ``Sigma_B`` has
-  rank <= C'-1, so ``nc1 = sum_k v_k^T (M^T Sigma_W M) v_k / lambda_k^2`` over the eigenpairs
-  ``(lambda_k, v_k)`` of the C' x C' Gram ``M^T M`` with ``lambda_k > rtol * lambda_max``: exact,
-  with no D x D pseudo-inverse. If all class means coincide, ``nc1 = inf``.
+- ``nc1 = Tr(Sigma_W Sigma_B^+) / C'`` (Papyan's definition; his code omits ``/C``). With
+  ``M M^T = sum_k lambda_k u_k u_k^T`` (from the smaller of the Grams ``M M^T``, ``M^T M``),
+  ``nc1 = sum_k u_k^T Sigma_W u_k / lambda_k`` over ``lambda_k > rtol * lambda_max``: exact, with no D x D
+  pseudo-inverse and only the diagonal of ``U^T Sigma_W U`` accumulated. If all class means coincide,
+  ``nc1 = inf``.
 - ``nc2_equinorm`` = std_c ||mu_c - mu_G|| / mean_c ||mu_c - mu_G||; ``nc2_equinorm_weights`` the
   same for the classifier rows ``w_c``.
 - ``nc2_equiangular`` = std over pairs c < c' of cos(mu_c - mu_G, mu_c' - mu_G); ``nc2_max_angle``
@@ -27,6 +28,11 @@ class never produces a NaN.
 ``nc1`` and ``nc4`` need the class means before they can look at the samples, so they come from a
 second pass over the same data (see :class:`NeuralCollapse`); :func:`neural_collapse` makes both
 passes over an in-memory tensor.
+
+Samples are rows: features (N, D) with labels (N,), or per-token features (N, T, D) with labels (N, T)
+(every position a sample; Wu & Papyan 2024). ``ignore_index`` leaves rows out (e.g. -100, padding);
+:func:`shift_labels` gives a causal language model's next-token classes. Memory O(C x D): see
+:class:`NeuralCollapse`.
 """
 
 from __future__ import annotations
