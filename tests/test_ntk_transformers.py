@@ -137,3 +137,35 @@ def test_gpt2_sequence_outputs_match_the_explicit_jacobian(output, masked):
     expected = reference_kernel(jacobian, expected_output, index, seed=4)
     kernel = empirical_ntk(model, inputs, output=output, output_index=index, seed=4, chunk_size=40)
     assert_relative(kernel, expected)
+
+
+class CausalLM(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_gpt2().float().train()
+
+    def forward(self, input_ids):
+        return self.model(input_ids)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(batch[0], labels=batch[0]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_monitor_default_on_a_causal_lm_is_the_projection_over_positions_and_vocabulary(tmp_path):
+    """The monitor's default output="auto" on (n, T, V) logits (C = 55 > 16): the seeded projection, one backward
+    per example; token labels (n, T) are not per-example targets, so target alignment is skipped with a message."""
+    ids = torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(3))
+    module = CausalLM()
+    monitor = NTKAlignmentMonitor(every_n_steps=2, probe_size=8)
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", devices=1, logger=False, callbacks=[monitor], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="target_alignment is not logged"):
+        trainer.fit(module, DataLoader(torch.utils.data.TensorDataset(ids, ids), batch_size=8))
+    expected = empirical_ntk(module.eval(), ids, output="projection")
+    torch.testing.assert_close(monitor.last_kernel, expected, rtol=1e-5, atol=0)
+    assert {"ntk/trace", "ntk/init_alignment", "ntk/relative_change", "ntk/effective_rank"} == set(monitor.last_metrics)

@@ -4,7 +4,13 @@ Measured every ``every_n_steps`` optimizer steps (or ``every_n_epochs`` epochs) 
 start (under DDP, rank 0's probe set is broadcast so every rank measures the same kernel): the model runs in probe
 mode (eval mode, dropout off, BatchNorm per ``bn_mode``; nothing of training touched) and
 :func:`hildtools.metrics.empirical_ntk` computes the kernel K_t of the module's forward on the probe inputs (its
-output, or its ``logits``), its chunks split over the ranks. The first kernel (at step 0 by default) is kept as
+output, or its ``logits``), its chunks split over the ranks. Default convention ``output="auto"``: the exact sum
+over outputs up to 16 per example, else the seeded projection (language models: positions x vocabulary).
+``method="sketch"`` estimates the kernel from forward passes only (:mod:`hildtools.metrics.ntk_sketch`); it is the
+one that runs under FSDP (FSDP1 and FSDP2): every rank perturbs its own parameter shards in place, runs the model's
+own forward (which gathers them) on rank 0's probe set and restores the shards bitwise, so every rank gets the same
+kernel and the full parameter vector is never formed; the target-alignment numerators then come from the sketch
+too (elsewhere they are exact, from backward passes). The first kernel (at step 0 by default) is kept as
 K_0 in the callback state, so a resumed run continues the same curves. Logged under ``ntk/``:
 
 - ``target_alignment``: ``<K_t, Y Y^T>_F / (||K_t||_F ||Y Y^T||_F)`` with the probe targets (labels one-hot),
@@ -22,7 +28,7 @@ NaN/inf entries skips the measurement with a warning. Conventions: :mod:`hildtoo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,10 +37,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from hildtools._checks import check_choice
-from hildtools.batches import map_tensors
+from hildtools.batches import batch_size, map_tensors
 from hildtools.callbacks._features import check_figures, wants_figures
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
-from hildtools.distributed import is_distributed, unwrap
+from hildtools.distributed import all_reduce_mean, is_distributed, unwrap
 from hildtools.logging import log_figure, new_figure
 from hildtools.metrics.kernel import (
     kernel_alignment,
@@ -44,7 +50,17 @@ from hildtools.metrics.kernel import (
     relative_change,
     target_alignment_numerator,
 )
-from hildtools.metrics.ntk import PRODUCT_DTYPES, check_ntk_args, empirical_ntk
+from hildtools.metrics.ntk import (
+    PRODUCT_DTYPES,
+    as_outputs,
+    check_ntk_args,
+    empirical_ntk,
+    kernel_from_sketch,
+    resolve_output,
+    selection_matrix,
+)
+from hildtools.metrics.ntk_sketch import SKETCH_DIM, sketched_jacobian_in_place
+from hildtools.sharding import FSDP2_TYPES, forward_module, sharding
 
 
 class NTKAlignmentMonitor(Monitor):
@@ -113,12 +129,15 @@ class NTKAlignmentMonitor(Monitor):
         self.ntk_options = {"output": output, "output_index": output_index, "method": method, "chunk_size": chunk_size,
                             "sketch_dim": sketch_dim, "seed": seed, "product_dtype": product_dtype}  # fmt: skip
         self.params = None if params is None else list(params)
+        self.runs_under_fsdp = method == "sketch"  # forward passes only: FSDP gathers the shards as in training
         self.figures = figures
         self.initial_kernel: Tensor | None = None
         self.last_kernel: Tensor | None = None
         self._warned_targets = False
 
     def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if sharding(trainer) is not None and self.params is not None:
+            raise ValueError("params: a parameter subset is not supported under FSDP; leave params=None")
         if self.params is not None:
             named = dict(unwrap(pl_module).named_parameters())
             unknown = [name for name in self.params if name not in named]
@@ -132,7 +151,11 @@ class NTKAlignmentMonitor(Monitor):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
         inputs, targets = self.probe.unpack(batch)
-        kernel = empirical_ntk(module, inputs, params=self.params, distributed=True, **self.ntk_options)
+        sharded = sharding(trainer) is not None
+        if sharded:
+            kernel = self.sharded_sketch(forward_module(trainer, module), inputs)
+        else:
+            kernel = empirical_ntk(module, inputs, params=self.params, distributed=True, **self.ntk_options)
         if not torch.isfinite(kernel).all():  # identical on every rank after the all-reduce
             raise SkipMeasurement("the NTK contains NaN/inf")
         self.last_kernel = kernel
@@ -146,22 +169,55 @@ class NTKAlignmentMonitor(Monitor):
             "effective_rank": kernel_effective_rank(kernel),
             "init_alignment": kernel_alignment_between(kernel, initial),
             "relative_change": relative_change(kernel, initial),
-            **self.target_alignments(kernel, targets, module, inputs),
+            **self.target_alignments(kernel, targets, None if sharded else module, inputs),
         }
         if wants_figures(self.figures, trainer):
             self.log_spectrum(trainer, kernel)
         return {name: value for name, value in metrics.items() if torch.isfinite(value)}  # NaN: undefined alignment
 
+    def sharded_sketch(self, model: Any, inputs: Any) -> Tensor:
+        """The forward-only sketch under FSDP: every rank perturbs its shards in place and runs the model's own
+        forward on the same probe batch (rank 0's), so every rank gets the same kernel."""
+        n = batch_size(inputs)
+        fsdp2 = [m for m in model.modules() if FSDP2_TYPES and isinstance(m, FSDP2_TYPES)]
+
+        def reshard() -> None:  # FSDP2 keeps the root's parameters unsharded after a forward: shard them again
+            for m in fsdp2:
+                m.reshard()
+
+        args, kwargs = ((), inputs) if isinstance(inputs, Mapping) else (
+            tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {})  # fmt: skip
+        with torch.no_grad():
+            first = as_outputs(model(*args, **kwargs), n)
+        options = self.ntk_options
+        output = resolve_output(options["output"], options["output_index"], first.shape[-1])
+        selection = selection_matrix(output, options["output_index"], options["seed"], first)
+
+        def outputs() -> Tensor:
+            out = as_outputs(model(*args, **kwargs), n)
+            reshard()
+            return out if selection is None else out @ selection
+
+        reshard()
+
+        world = torch.distributed.get_world_size()
+        sketched = sketched_jacobian_in_place(
+            outputs, [p for p in model.parameters() if p.requires_grad], options["sketch_dim"] or SKETCH_DIM,
+            options["seed"], torch.distributed.get_rank(), lambda tensor: all_reduce_mean(tensor) * world,
+        )  # fmt: skip
+        return kernel_from_sketch(sketched, output, first.shape[-1])
+
     def target_alignments(self, kernel: Tensor, targets: Any, module: Any, inputs: Any) -> dict[str, Tensor]:
         """Uncentered and centered alignment with the probe targets; ``{}`` (one message) when there are none.
-        For a sketched kernel the numerators ``<K, T>`` are computed exactly, without the kernel."""
+        For a sketched kernel the numerators ``<K, T>`` are computed exactly, without the kernel (``module=None``,
+        under FSDP: from the sketch)."""
         reason = "the probe batch has no targets" if targets is None else None
         if reason is None:
             try:
                 alignments = {}
                 for name, centered in (("target_alignment", False), ("target_alignment_centered", True)):
                     numerator = None
-                    if self.ntk_options["method"] == "sketch":
+                    if self.ntk_options["method"] == "sketch" and module is not None:
                         options = {key: self.ntk_options[key] for key in ("output", "output_index", "seed")}
                         numerator = target_alignment_numerator(
                             module, inputs, targets, centered=centered, params=self.params, **options

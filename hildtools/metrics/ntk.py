@@ -13,6 +13,10 @@ and concatenated) give, by ``output`` convention:
 - ``"full"``: the (nC) x (nC) kernel ``K[i*C + a, j*C + b] = <J_ia, J_jb>`` (``K.view(n, C, n, C)``);
 - ``"auto"`` (the monitor's default): ``"sum"`` when ``C <= AUTO_MAX_OUTPUTS`` (16), else ``"projection"``. The
   exact sum costs C Jacobian rows per example (C backward passes, and C times the Gram product), the projection one.
+  As an estimate of the ``"sum"`` kernel the projection has ``Var_v(K_ij) = ||G_ij||_F^2 + <G_ij, G_ij^T>_F`` with
+  ``G_ij = J_i J_j^T`` (C x C): on the diagonal a relative error ``sqrt(2) ||G_ii||_F / tr(G_ii)``, small when the
+  outputs' Jacobians spread over many directions (many positions of a sequence), large for a few dominant outputs.
+  ``v`` is fixed by ``seed``, so the kernels of one run are comparable with each other.
 
 With one output per example (``C = 1``) all agree. A linear model ``f(x) = W x + b`` has
 ``K = C (X X^T + 1)`` under ``"sum"`` (``X X^T + 1`` under ``"mean"``; ``X X^T`` without bias).
@@ -108,7 +112,7 @@ def _check_inputs(x: Any) -> int:
     return n
 
 
-def _as_outputs(out: Any, n: int) -> Tensor:
+def as_outputs(out: Any, n: int) -> Tensor:
     """The model's output as an (n, C) tensor (a ``logits`` field of a dict/dataclass output is used)."""
     if isinstance(out, Mapping) and "logits" in out:
         out = out["logits"]
@@ -116,6 +120,40 @@ def _as_outputs(out: Any, n: int) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"model must return a tensor (or an output with `logits`), got {type(out).__name__}")
     return out.reshape(n, -1)
+
+
+def resolve_output(output: str, output_index: int | None, num_outputs: int) -> str:
+    """The convention in force for C = ``num_outputs`` (``"auto"`` resolved); checks ``output_index`` < C."""
+    if output == "index" and output_index >= num_outputs:
+        raise ValueError(f"output_index must be in [0, {num_outputs}) for this model, got {output_index}")
+    if output == "auto":
+        return "sum" if num_outputs <= AUTO_MAX_OUTPUTS else "projection"
+    return output
+
+
+def selection_matrix(output: str, output_index: int | None, seed: int, outputs: Tensor) -> Tensor | None:
+    """``S`` (C x 1) for ``"index"`` (a basis vector) and ``"projection"`` (``v ~ N(0, I_C)`` from a CPU generator
+    seeded with ``seed``), in the dtype and on the device of the (n, C) ``outputs``; ``None`` (identity) otherwise."""
+    num_outputs = outputs.shape[-1]
+    if output == "index":
+        selection = torch.zeros(num_outputs, 1, dtype=outputs.dtype)
+        selection[output_index] = 1
+    elif output == "projection":
+        generator = torch.Generator().manual_seed(seed)
+        selection = torch.randn(num_outputs, 1, generator=generator, dtype=torch.float64).to(outputs.dtype)
+    else:
+        return None
+    return selection.to(outputs.device)
+
+
+def kernel_from_sketch(sketched: Tensor, output: str, num_outputs: int) -> Tensor:
+    """``K~`` from the (n, C', k) sketch ``J S``: summed over outputs (``/C`` for ``"mean"``), or (nC', nC')."""
+    n, selected, k = sketched.shape
+    if output == "full":
+        flat = sketched.reshape(n * selected, k)
+        return flat @ flat.T
+    flat = sketched.reshape(n, -1)
+    return flat @ flat.T / (num_outputs if output == "mean" else 1)
 
 
 def couples_examples(model: nn.Module) -> bool:
@@ -186,19 +224,15 @@ class TangentModel:
         self.num_outputs = outputs.shape[-1]
         self.dtype = outputs.dtype
         self.device = outputs.device
-        if output == "index" and output_index >= self.num_outputs:
-            raise ValueError(f"output_index must be in [0, {self.num_outputs}) for this model, got {output_index}")
-        if output == "auto":
-            output = "sum" if self.num_outputs <= AUTO_MAX_OUTPUTS else "projection"
-        self.output = output  # the convention in force ("auto" resolved)
-        self.selection = self._selection(output, output_index, seed)
+        self.output = resolve_output(output, output_index, self.num_outputs)  # "auto" resolved
+        self.selection = selection_matrix(self.output, output_index, seed, outputs)
 
     # -- the function ---------------------------------------------------------------------------------------------
     def _call(self, params: dict[str, Tensor], x: Any, n: int) -> Tensor:
         # Copies of the buffers: a train-mode BatchNorm updates the copies, never the module's running statistics.
         buffers = {name: upcast(b.detach()).clone() for name, b in self.model.named_buffers()}
         args, kwargs = ((), x) if isinstance(x, Mapping) else (tuple(x) if isinstance(x, (tuple, list)) else (x,), {})
-        return _as_outputs(functional_call(self.model, ({**self.frozen, **params}, buffers), args, kwargs), n)
+        return as_outputs(functional_call(self.model, ({**self.frozen, **params}, buffers), args, kwargs), n)
 
     def _batch_outputs(self, params: dict[str, Tensor]) -> Tensor:
         return self._call(params, self.x, self.n)
@@ -210,17 +244,6 @@ class TangentModel:
 
     def _example_outputs(self, params: dict[str, Tensor], x_one: Any) -> Tensor:
         return self._call(params, map_tensors(lambda t: t.unsqueeze(0), x_one), 1)[0]
-
-    def _selection(self, output: str, output_index: int | None, seed: int) -> Tensor | None:
-        if output == "index":
-            selection = torch.zeros(self.num_outputs, 1, dtype=self.dtype)
-            selection[output_index] = 1
-        elif output == "projection":
-            generator = torch.Generator().manual_seed(seed)
-            selection = torch.randn(self.num_outputs, 1, generator=generator, dtype=torch.float64).to(self.dtype)
-        else:
-            return None
-        return selection.to(self.device)
 
     @property
     def num_selected(self) -> int:
@@ -429,19 +452,14 @@ def empirical_ntk(
     def reduce_sum(tensor: Tensor) -> Tensor:
         return all_reduce_mean(tensor) * world if shared else tensor
 
-    full = tangent.output == "full"
-    if method == "exact":
-        chunks = row_chunks(tangent.n, tangent.num_selected, chunk_size or tangent.default_chunk_size())
-        kernel = reduce_sum(_exact_kernel(tangent, chunks, full, owned, product_dtype))
-    else:
+    if method == "sketch":
         shape = (tangent.n, tangent.num_selected)
         sketched = sketched_jacobian(tangent.selected_outputs, tangent.params, shape, sketch_dim or SKETCH_DIM,
                                      seed, owned)  # fmt: skip
-        sketched = reduce_sum(sketched)
-        flat = sketched.reshape(-1, sketched.shape[-1]) if full else sketched.reshape(tangent.n, -1)
-        kernel = flat @ flat.T
-        if full:
-            kernel = kernel.view(tangent.n, tangent.num_selected, tangent.n, tangent.num_selected)
+        return kernel_from_sketch(reduce_sum(sketched), tangent.output, tangent.num_outputs)
+    full = tangent.output == "full"
+    chunks = row_chunks(tangent.n, tangent.num_selected, chunk_size or tangent.default_chunk_size())
+    kernel = reduce_sum(_exact_kernel(tangent, chunks, full, owned, product_dtype))
     if tangent.output == "mean":
         kernel = kernel / tangent.num_outputs
     if full:

@@ -11,7 +11,9 @@ so it runs wherever the forward runs (sharded parameters, fused kernels, ops wit
 ``h = eps^(1/3) * rms(theta)`` (``eps`` of the parameters' dtype; ``rms(theta) = 1`` if theta is zero): each
 coordinate moves by about ``eps^(1/3)`` of the parameters' scale, which balances the truncation error ``O(h^2)`` and
 the rounding error ``O(eps / h)`` of central differences (relative error about ``eps^(2/3)``: 5e-11 in fp64, 2e-5
-in fp32 on smooth models; kinks such as ReLU add an error where a perturbation crosses one).
+in fp32 on smooth models; kinks such as ReLU add an error where a perturbation crosses one). :func:`empirical_ntk`
+evaluates bf16/fp16 models on fp32 copies; the in-place variant for sharded models perturbs the shards in their
+own dtype, so bf16 shards give about ``eps^(2/3)`` = 4e-2 relative error: keep fp32 master weights for it.
 
 Variance. With ``G_ij = J_i J_j^T`` the (C' x C') block of the output Gram of examples i and j (``K_ij = tr G_ij``
 for ``"sum"``), ``Var(K~_ij) = (<G_ii, G_jj>_F + ||G_ij||_F^2) / k``; for one output per example (``"index"``,
@@ -83,3 +85,47 @@ def sketched_jacobian(
         if owned(column):
             sketched[..., column] = directional_derivative(outputs, params, direction(params, column_seed), step)
     return sketched / math.sqrt(sketch_dim)
+
+
+def local_tensor(parameter: Tensor) -> Tensor:
+    """The locally held part of a parameter: an FSDP2 ``DTensor``'s local shard, else the parameter's data (an
+    FSDP1 flat or original parameter is already the local shard outside the forward)."""
+    return parameter.to_local() if hasattr(parameter, "to_local") else parameter.data
+
+
+def sketched_jacobian_in_place(
+    outputs: Callable[[], Tensor],
+    parameters: list[Tensor],
+    sketch_dim: int,
+    seed: int,
+    rank: int = 0,
+    reduce_sum: Callable[[Tensor], Tensor] = lambda tensor: tensor,
+) -> Tensor:
+    """``J S`` (n, C', k) for a model whose parameters cannot be swapped (FSDP shards): each rank moves its local
+    shards in place, ``theta +- h r``, calls ``outputs()`` (the model's own forward, which gathers the shards) and
+    restores every shard bitwise from a copy. Every rank must call it with the same batch; each rank draws the
+    directions of its own shards (seeded by the column and the rank), so ``S`` has iid N(0, 1) / sqrt(k) entries
+    and the whole direction is never formed. ``reduce_sum`` sums over the ranks (for ``rms(theta)`` in the step)."""
+    shards = [local_tensor(p) for p in parameters]
+    saved = [shard.detach().clone() for shard in shards]
+    squares = reduce_sum(sum(shard.double().square().sum() for shard in shards).reshape(1))
+    count = reduce_sum(torch.tensor([float(sum(shard.numel() for shard in shards))], device=squares.device))
+    rms = math.sqrt(float(squares) / max(float(count), 1.0))
+    step = torch.finfo(shards[0].dtype).eps ** (1 / 3) * (rms if rms > 0 else 1.0)
+    columns = []
+    try:
+        for column_seed in column_seeds(seed, sketch_dim):
+            generator = torch.Generator(device=shards[0].device).manual_seed((column_seed + 7919 * rank) % 2**62)
+            towards = [torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype) for s in shards]
+            values = []
+            with torch.no_grad():
+                for sign in (1.0, -1.0):
+                    for shard, original, r in zip(shards, saved, towards):
+                        shard.copy_(original + sign * step * r)
+                    values.append(outputs().double())
+            columns.append((values[0] - values[1]) / (2 * step))
+    finally:
+        with torch.no_grad():
+            for shard, original in zip(shards, saved):
+                shard.copy_(original)
+    return torch.stack(columns, dim=-1) / math.sqrt(sketch_dim)
