@@ -79,8 +79,9 @@ def test_bad_input():
         FeatureCapture(net, ["conv", "nonexistent"])
     with pytest.raises(ValueError, match="no nn.Linear"):
         FeatureCapture(nn.Sequential(nn.ReLU()))
-    for kwargs, match in (({"capture": "in"}, "capture"), ({"pool": "max"}, "pool"), ({"projection_dim": 0}, "projection_dim"),
-                          ({"projection_dim": True}, "projection_dim"), ({"capture": ["input"]}, "capture")):
+    bad = (({"capture": "in"}, "capture"), ({"pool": "max"}, "pool"), ({"projection_dim": 0}, "projection_dim"),
+           ({"projection_dim": True}, "projection_dim"), ({"capture": ["input"]}, "capture"))
+    for kwargs, match in bad:
         with pytest.raises(ValueError, match=match):
             FeatureCapture(net, **kwargs)
     with pytest.raises(ValueError, match="at least one"):
@@ -91,7 +92,8 @@ def test_pool_none_keeps_token_positions_and_projects_the_feature_dimension():
     torch.manual_seed(3)
     net = nn.Sequential(nn.Linear(4, 30), nn.Linear(30, 2))
     x = torch.randn(3, 5, 4)
-    with FeatureCapture(net, "1", pool="none") as tokens, FeatureCapture(net, "1", pool="none", projection_dim=8) as small:
+    projected = FeatureCapture(net, "1", pool="none", projection_dim=8)
+    with FeatureCapture(net, "1", pool="none") as tokens, projected as small:
         net(x)
     hidden = net[0](x).detach()
     torch.testing.assert_close(tokens.features["1"], hidden)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.distributed as dist
-
 from ddp_utils import run_ranks
+
 from hildtools.metrics import FeatureRank, NeuralCollapse, feature_rank, neural_collapse
 
 
@@ -44,3 +44,36 @@ def test_two_process_ddp_equals_single_process():
         for measured in result["rank"]:
             for key, value in expected_rank.items():
                 torch.testing.assert_close(measured[key], value, rtol=1e-9, atol=1e-9, msg=key)
+
+
+def fit_token_monitor_on_rank(rank, world_size, sizes):
+    """Lightning DDP: a tiny GPT-2 with a token-level NeuralCollapseMonitor on this rank's (unequal) probe shard."""
+    import lightning.pytorch as pl
+    from test_nc_tokens import TinyGPT2, token_probe
+
+    from hildtools.callbacks import NeuralCollapseMonitor
+
+    input_ids, labels = token_probe()
+    start = sum(sizes[:rank])
+    shard = (input_ids[start : start + sizes[rank]], labels[start : start + sizes[rank]])
+    monitor = NeuralCollapseMonitor(num_classes=256, every_n_steps=2, probe_data=shard, batch_size=8)
+    torch.manual_seed(0)
+    module = TinyGPT2()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(input_ids, labels), batch_size=8)
+    pl.Trainer(strategy="ddp", accelerator="cpu", devices=world_size, max_steps=2, callbacks=[monitor], logger=False,
+               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
+    return {"state": {k: v.clone() for k, v in module.state_dict().items()}, "metrics": dict(monitor.last_metrics)}
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_token_level_monitor_under_ddp_equals_dense_reference_on_the_union():
+    pytest.importorskip("transformers")
+    from test_nc_tokens import TinyGPT2, dense_token_reference, token_probe
+
+    results = run_ranks(fit_token_monitor_on_rank, (40, 24))  # the union is the whole token_probe()
+    assert results[0]["metrics"] == results[1]["metrics"]
+    module = TinyGPT2()
+    module.load_state_dict(results[0]["state"])
+    expected = dense_token_reference(module, *token_probe())
+    for key, value in expected.items():
+        assert results[0]["metrics"][f"nc/model.lm_head/{key}"] == pytest.approx(value.item(), rel=1e-4, abs=1e-6)

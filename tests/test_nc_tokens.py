@@ -103,16 +103,40 @@ class TinyGPT2(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+def token_probe(num_seq=64, length=32):
+    """Token ids drawn from 40 of GPT-2's 256 classes; labels = input_ids with some -100 padded tails."""
+    generator = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(0, 40, (num_seq, length), generator=generator)
+    labels = input_ids.clone()
+    labels[::4, -5:] = -100
+    return input_ids, labels
+
+
+def dense_token_reference(module, input_ids, labels):
+    """Classic NC formulas (fp64) on the final hidden states (lm_head input) of all kept positions, flattened."""
+    module.eval()
+    with torch.no_grad():
+        hidden = module.model.transformer(input_ids=input_ids).last_hidden_state.double()
+        logits = module.model.lm_head(hidden.float()).double()
+    rows, classes, predicted = flattened_positions(hidden, labels, logits)
+    expected = dense_reference(rows, classes, module.model.lm_head.weight.detach(), predicted)
+    expected["num_classes_present"] = torch.tensor(float(len(set(classes.tolist()))))
+    return expected
+
+
 def test_monitor_on_gpt2_equals_dense_reference_on_lm_head_inputs(monkeypatch):
     """GPT-2 (Conv1D blocks, tied head): features = final hidden states (lm_head input) of every position, streamed:
     the metric never sees more than one chunk of sequences, and each pass runs its own forwards."""
     updates = []
     original_update = NeuralCollapse.update
-    monkeypatch.setattr(NeuralCollapse, "update", lambda self, f, *a: updates.append(f.shape) or original_update(self, f, *a))
+
+    def recording_update(self, features, *args):
+        updates.append(tuple(features.shape))
+        original_update(self, features, *args)
+
+    monkeypatch.setattr(NeuralCollapse, "update", recording_update)
     torch.manual_seed(0)
-    input_ids = torch.randint(0, 40, (64, 32))  # 40 of the 256 classes present
-    labels = input_ids.clone()
-    labels[::4, -5:] = -100
+    input_ids, labels = token_probe()
     module = TinyGPT2()
     assert default_layer(module) == "model.lm_head"
     monitor = NeuralCollapseMonitor(num_classes=256, every_n_steps=2, probe_data=(input_ids, labels), batch_size=24)
@@ -121,14 +145,9 @@ def test_monitor_on_gpt2_equals_dense_reference_on_lm_head_inputs(monkeypatch):
                enable_model_summary=False).fit(module, loader)
 
     assert updates[-6:] == [(24, 32, 64), (24, 32, 64), (16, 32, 64)] * 2  # last measurement: 2 passes x 3 chunks
-    module.eval()
-    with torch.no_grad():
-        hidden = module.model.transformer(input_ids=input_ids).last_hidden_state.double()
-        logits = module.model.lm_head(hidden.float()).double()
-    rows, classes, predicted = flattened_positions(hidden, labels, logits)
-    expected = dense_reference(rows, classes, module.model.lm_head.weight.detach(), predicted)
     measured = {key.removeprefix("nc/model.lm_head/"): value for key, value in monitor.last_metrics.items()}
-    assert measured["num_classes_present"] == len(set(classes.tolist()))
+    expected = dense_token_reference(module, input_ids, labels)
+    assert set(measured) == set(expected) | {"nc2_equinorm_weights"}
     for key, value in expected.items():
         assert measured[key] == pytest.approx(value.item(), rel=1e-4, abs=1e-6), key
 
@@ -187,3 +206,26 @@ def test_classifier_transformer_keeps_pooled_features():
 def test_bad_arguments_name_the_argument(build, error, match):
     with pytest.raises(error, match=match):
         build()
+
+
+def test_a_layer_the_forward_never_calls_is_reported():
+    class Unused(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.spare = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = (torch.randn(8, 3), torch.arange(8) % 2)
+    monitor = NeuralCollapseMonitor(2, ["fc", "spare"], every_n_steps=1, probe_data=data)
+    trainer = pl.Trainer(max_steps=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"\['spare'\] were not called"):
+        trainer.fit(Unused(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=4))

@@ -301,7 +301,9 @@ class _NeuronVectors:
         rows, (out, _, block) = min(chunk_size, self.num), self.outgoing.shape
         width = sum(w.shape[1] + 1 for w, _ in self.incoming)
         new = self.outgoing.new_empty
-        self.buffers = [(new(rows, width, dtype=torch.float64), new(out, block, rows, dtype=torch.float64)) for _ in range(2)]
+        self.buffers = [
+            (new(rows, width, dtype=torch.float64), new(out, block, rows, dtype=torch.float64)) for _ in range(2)
+        ]
 
     def chunk(self, start: int, stop: int, buffer: int) -> tuple[Tensor, Tensor]:
         """Chunk ``start:stop`` written into buffer 0 or 1: (incoming rows, outgoing columns)."""

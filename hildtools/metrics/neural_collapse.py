@@ -83,10 +83,12 @@ def _check_inputs(
     ignore_index: int | None,
 ) -> None:  # fmt: skip
     if not isinstance(features, Tensor) or features.dim() < 2:
-        raise ValueError(f"`features` must be a (N, D) or (N, T, D) tensor, got {getattr(features, 'shape', type(features))}")
+        shape = getattr(features, "shape", type(features))
+        raise ValueError(f"`features` must be a (N, D) or (N, T, D) tensor, got {shape}")
     rows = tuple(features.shape[:-1])
     if not isinstance(labels, Tensor) or tuple(labels.shape) != rows:
-        raise ValueError(f"`labels` must be a {rows} tensor (features.shape[:-1]), got {getattr(labels, 'shape', labels)}")
+        shape = getattr(labels, "shape", labels)
+        raise ValueError(f"`labels` must be a {rows} tensor (features.shape[:-1]), got {shape}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"`labels` must be an integer tensor, got {labels.dtype}")
     if predictions is not None and (
@@ -116,13 +118,11 @@ def shift_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
 
 
 def _nearest_class(h: Tensor, reference: _Reference) -> Tensor:
-    """Index of the nearest present reference class mean of each row, in row blocks (memory O(block x C))."""
-    means, absent = reference.means, ~reference.present
-    block = max(1, BLOCK_ELEMENTS // means.shape[0])
-    nearest = [
-        (means.square().sum(1) - 2 * rows @ means.T).masked_fill(absent, float("inf")).argmin(1)
-        for rows in h.split(block)
-    ]
+    """Index of the nearest present reference class mean of each row, in row blocks (memory O(block x C'))."""
+    classes = reference.present.nonzero().squeeze(1)  # only the C' present classes can be nearest
+    means = reference.means[classes]
+    block = max(1, BLOCK_ELEMENTS // max(1, len(classes)))
+    nearest = [classes[(means.square().sum(1) - 2 * rows @ means.T).argmin(1)] for rows in h.split(block)]
     return torch.cat(nearest) if nearest else h.new_zeros(0, dtype=torch.long)
 
 
@@ -355,9 +355,9 @@ class NeuralCollapse(Metric):
     Memory is O(C x D) (the per-class sums and the reference means; the between-class basis is D x min(C, D)),
     so vocabulary-sized C works: C = 50,257 classes of D = 768 features take 2 x 0.3 GB in fp64. ``update``
     streams: features of any leading shape (e.g. (N, T, D) token positions) are taken row by row, and the
-    (rows x C) distances of NC4 and the (C x C) class-pair Grams of ``compute`` are formed in blocks of
-    :data:`BLOCK_ELEMENTS` entries. Time per pass O(rows x D x min(C, D)), plus O(rows x C x D) for NC4;
-    ``compute`` O(C^2 x D).
+    (rows x C') distances of NC4 and the (C' x C') class-pair Grams of ``compute`` are formed in blocks of
+    :data:`BLOCK_ELEMENTS` entries (C' = classes present). Time per pass O(rows x D x min(C, D)), plus
+    O(rows x C' x D) for NC4; ``compute`` O(C'^2 x D).
 
     One pass gives ``nc2_*``, ``nc3`` and ``cdnv``. ``nc1`` and ``nc4`` need the class means first:
     call :meth:`start_second_pass` after the first pass and run ``update`` again over the same data;
