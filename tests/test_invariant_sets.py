@@ -297,6 +297,20 @@ def test_gated_neuron_vectors_match_a_dense_reference():
     torch.testing.assert_close(layer.nearest_distance, distance.min(1).values, rtol=1e-10, atol=1e-12)
 
 
+def test_bilinear_gate_without_activation_is_analysed_once():
+    class Bilinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.down(self.gate(x) * self.up(x))
+
+    report = invariant_sets(Bilinear())
+    assert set(report.layers) == {"gate"} and report.layers["gate"].up_projection == "up"
+    assert "analysed with the gate 'gate'" in report.skipped["up"]
+
+
 def test_invariant_set_monitor_logs_gpt2_mlps():
     import lightning.pytorch as pl
 

@@ -456,6 +456,8 @@ def invariant_sets(
             if node.op != "call_module" or not _is_producer(block_modules[node.target]):
                 continue
             name = _join(block.prefix, node.target)
+            if name in ups:  # already analysed as the up projection of a gate
+                continue
             if calls[node.target] > 1:
                 skipped[name] = "called more than once per forward (shared module)"
                 continue

@@ -62,20 +62,22 @@ class _Reference(NamedTuple):
 
 
 def _make_reference(means: Tensor, present: Tensor) -> _Reference:
-    """Reference of the class means: the eigenpairs of M M^T come from the smaller of the D x D and C x C Grams."""
+    """Reference of the class means: the eigenpairs of M M^T from the smaller of the D x D and C' x C' Grams of the
+    present classes' centred means (cost O(D C' min(D, C'))), padded with zeros to k = min(C, D) columns."""
     means = torch.where(present[:, None], means, 0.0)
-    centre = means[present].mean(0) if bool(present.any()) else means.new_zeros(means.shape[1])
-    centred = torch.where(present[:, None], means - centre, 0.0).T  # M: (D, C), zero columns for absent classes
-    num_features, num_classes = centred.shape
-    if num_features <= num_classes:
+    num_classes, num_features = means.shape
+    centred = (means[present] - means[present].mean(0)).T  # M: (D, C')
+    if num_features <= centred.shape[1]:
         eigenvalues, basis = torch.linalg.eigh(centred @ centred.T)
-        eigenvalues = eigenvalues.clamp_min(0)
     else:  # M = U S V^T: from M^T M = V S^2 V^T, u_j = M v_j / s_j
         eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred)
-        eigenvalues = eigenvalues.clamp_min(0)
         scale = torch.where(eigenvalues > 0, eigenvalues.clamp_min(_TINY).rsqrt(), 0.0)
         basis = centred @ vectors * scale
-    return _Reference(means, present, basis, eigenvalues, centred.norm(dim=0).max())
+    k = min(num_classes, num_features)
+    padded_basis, padded_values = means.new_zeros(num_features, k), means.new_zeros(k)
+    padded_basis[:, : basis.shape[1]], padded_values[: len(eigenvalues)] = basis, eigenvalues.clamp_min(0)
+    spread = centred.norm(dim=0).max() if centred.numel() else means.new_zeros(())
+    return _Reference(means, present, padded_basis, padded_values, spread)
 
 
 def _check_inputs(
@@ -133,8 +135,10 @@ def _neural_collapse_update(
     reference: _Reference | None = None,
     predictions: Tensor | None = None,
     ignore_index: int | None = None,
+    stats: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Sufficient statistics of one batch, in fp64, shifted by the reference class means.
+    """Sufficient statistics of one batch, in fp64, shifted by the reference class means, added in place to
+    ``stats`` (e.g. a Metric's states: no per-batch (C, D) temporaries) or to new zeros.
 
     ``features`` (..., D) with ``labels`` (...) are taken row by row (token positions included); rows labelled
     ``ignore_index`` contribute nothing; rows with a NaN/inf feature contribute nothing and are counted in
@@ -156,25 +160,28 @@ def _neural_collapse_update(
     shift = reference.means[labels] if reference is not None else torch.zeros_like(h)
     diff = torch.where(kept[:, None], h - shift, 0.0)
     weight = kept.to(torch.float64)
-    rank = min(num_classes, h.shape[1])
+    if stats is None:
+        stats = _zero_stats(num_classes, h.shape[1], h.device)
 
-    stats = {
-        "counts": h.new_zeros(num_classes).index_add_(0, labels, weight),
-        "sums": h.new_zeros(num_classes, h.shape[1]).index_add_(0, labels, diff),
-        "squares": h.new_zeros(num_classes).index_add_(0, labels, diff.square().sum(1)),
-        "scatter": h.new_zeros(rank),
-        "mismatches": h.new_zeros(()),
-        "predicted": h.new_zeros(()),
-        "nonfinite": (~finite & labelled).sum().to(torch.float64),
-    }
+    stats["counts"].index_add_(0, labels, weight)
+    stats["sums"].index_add_(0, labels, diff)
+    stats["squares"].index_add_(0, labels, diff.square().sum(1))
+    stats["nonfinite"] += (~finite & labelled).sum()
     if reference is not None:
-        stats["scatter"] = (diff @ reference.basis).square().sum(0)
+        stats["scatter"] += (diff @ reference.basis).square().sum(0)
         if predictions is not None:
             scores = predictions.dim() == features.dim()  # (..., C) scores, else (...) class indices
             predicted = (predictions.argmax(-1) if scores else predictions).reshape(-1).to(h.device)
-            stats["mismatches"] = ((_nearest_class(h, reference) != predicted) & kept).sum().to(torch.float64)
-            stats["predicted"] = weight.sum()
+            stats["mismatches"] += ((_nearest_class(h, reference) != predicted) & kept).sum()
+            stats["predicted"] += weight.sum()
     return stats
+
+
+def _zero_stats(num_classes: int, num_features: int, device: torch.device | None = None) -> dict[str, Tensor]:
+    """Empty fp64 statistics: counts, sums, squares, scatter (k = min(C, D)), mismatches, predicted, nonfinite."""
+    shapes = {"counts": (num_classes,), "sums": (num_classes, num_features), "squares": (num_classes,),
+              "scatter": (min(num_classes, num_features),), "mismatches": (), "predicted": (), "nonfinite": ()}
+    return {name: torch.zeros(shapes[name], dtype=torch.float64, device=device) for name in _STAT_NAMES}
 
 
 def _class_means(stats: dict[str, Tensor], reference: _Reference | None) -> tuple[Tensor, Tensor]:
@@ -258,7 +265,7 @@ def _neural_collapse_compute(
             f"neural collapse skipped: {int(stats['nonfinite'])} feature rows contain NaN/inf", stacklevel=3
         )
         return {}
-    means, present = _class_means(stats, reference)
+    present = stats["counts"] > 0
     num_present = int(present.sum())
     result = {"num_classes_present": stats["counts"].new_tensor(float(num_present))}
     if num_present < 2:
@@ -266,9 +273,9 @@ def _neural_collapse_compute(
         return result
 
     counts = stats["counts"][present]
-    means = means[present]
+    offsets = stats["sums"][present] / counts[:, None]  # class means minus the reference shift
+    means = offsets + reference.means[present] if reference is not None else offsets
     centred = means - means.mean(0)
-    offsets = stats["sums"][present] / counts[:, None]
     variances = (stats["squares"][present] / counts - offsets.square().sum(1)).clamp_min(0)
 
     result["nc2_equinorm"] = _std_over_mean(centred.norm(dim=1))
@@ -425,11 +432,9 @@ class NeuralCollapse(Metric):
         self.rtol = rtol
         self.validate_args = validate_args
         self.ignore_index = ignore_index
-        c, k = num_classes, min(num_classes, num_features)
-        zeros = {"counts": (c,), "sums": (c, num_features), "squares": (c,), "scatter": (k,)}
-        zeros.update(mismatches=(), predicted=(), nonfinite=())
-        for name in _STAT_NAMES:
-            self.add_state(name, torch.zeros(zeros[name], dtype=torch.float64), dist_reduce_fx="sum")
+        c, k = num_classes, min(num_classes, num_features)  # reference buffers: means (C, D), basis (D, k)
+        for name, zeros in _zero_stats(num_classes, num_features).items():
+            self.add_state(name, zeros, dist_reduce_fx="sum")
         empty = _Reference(
             torch.zeros(c, num_features, dtype=torch.float64), torch.zeros(c, dtype=torch.bool),
             torch.zeros(num_features, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64),
@@ -448,11 +453,9 @@ class NeuralCollapse(Metric):
         _check_inputs(features, labels, self.num_classes, predictions, self.validate_args, self.ignore_index)
         if features.shape[-1] != self.num_features:
             raise ValueError(f"`features` must have {self.num_features} columns, got {features.shape[-1]}")
-        batch = _neural_collapse_update(
-            features, labels, self.num_classes, self._reference(), predictions, self.ignore_index
+        _neural_collapse_update(
+            features, labels, self.num_classes, self._reference(), predictions, self.ignore_index, self._stats()
         )
-        for name in _STAT_NAMES:
-            setattr(self, name, getattr(self, name) + batch[name])
 
     def _stats(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in _STAT_NAMES}
