@@ -63,13 +63,13 @@ def test_example_reproduces_it_through_the_monitor_in_a_lightning_fit(tmp_path):
     import silent_alignment
 
     args = silent_alignment.parse_args(["--tiny", "--out", str(tmp_path)])
-    rows = silent_alignment.run(args.init_scale, args, "small")
+    rows = silent_alignment.run(args.init_scale, args, "small", args.seed)
     first, last = rows[0], rows[-1]
     assert [r["step"] for r in rows] == list(range(0, args.steps + 1, args.every))
     aligned = silent_alignment.alignment_time(rows)
     assert last["ntk/target_alignment"] - first["ntk/target_alignment"] > 0.1
     assert aligned["loss"] > 0.9 * first["loss"] and last["loss"] < 0.01 * first["loss"]
     assert aligned["final_alignment"] > 0.99
-    with open(os.path.join(tmp_path, "small", "version_0", "metrics.csv")) as file:
+    with open(os.path.join(tmp_path, f"small_seed{args.seed}", "version_0", "metrics.csv")) as file:
         header = file.readline().strip().split(",")
     assert {"ntk/target_alignment", "ntk/init_alignment", "ntk/relative_change", "ntk/trace"} <= set(header)

@@ -1,17 +1,16 @@
 """Every monitor on the real architectures of the zoo (ResNet-18, GPT-2, BERT, Llama, ViT at tiny sizes, random
-weights) under a Lightning Trainer: each logs finite values or refuses in setup; with the monitors attached, GPT-2
-and BERT train bitwise the same as without them.
-
-Combinations another branch fixes are marked ``xfail(strict=True)`` with the branch in the reason; remove the mark
-once that branch is merged (strict: an unexpected pass fails, so a stale mark is noticed).
+weights) under a Lightning Trainer: each logs finite values (none needs to refuse: the issue allows a refusal in
+setup with a reason, and a monitor that starts refusing here is a regression); with the monitors attached, GPT-2 and
+BERT train bitwise the same as without them.
 """
 
 import math
-import traceback
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from test_zoo import OPTIMIZERS
+from zoo import REAL_ZOO, num_classes, zoo_loader, zoo_module
 
 from hildtools.callbacks import (
     EdgeOfStabilityMonitor,
@@ -21,8 +20,6 @@ from hildtools.callbacks import (
     NeuralCollapseMonitor,
     NTKAlignmentMonitor,
 )
-from test_zoo import OPTIMIZERS
-from zoo import LANGUAGE_MODELS, REAL_ZOO, num_classes, zoo_loader, zoo_module
 
 pytest.importorskip("transformers")
 
@@ -44,26 +41,6 @@ def make_monitor(kind, name, every=2, probe=8):
     return InvariantSetMonitor(every_n_steps=every, measure_at_start=True)
 
 
-NTK_BRANCH = "fixed on branch ntk: vmap meets Hugging Face's data-dependent attention-mask code"
-TOKEN_NC = "fixed on branch repr: token-level neural collapse (one label per position)"
-TRANSFORMER_MLP = "fixed on branch repr: invariant sets found in transformer MLP blocks without tracing the model"
-FAILING_HERE = {
-    **{(name, "ntk"): NTK_BRANCH for name in ("gpt2", "bert", "llama")},
-    **{(name, "nc"): TOKEN_NC for name in LANGUAGE_MODELS},
-    **{(name, "invariant"): TRANSFORMER_MLP for name in ("gpt2", "bert", "llama", "vit")},
-    ("gpt2", "all"): f"{NTK_BRANCH}; {TOKEN_NC}; {TRANSFORMER_MLP}",  # all six monitors at once
-    ("bert", "all"): f"{NTK_BRANCH}; {TRANSFORMER_MLP}",
-}
-
-
-def cases(names, kinds):
-    return [
-        pytest.param(name, kind, marks=pytest.mark.xfail(strict=True, reason=FAILING_HERE[name, kind]))
-        if (name, kind) in FAILING_HERE else (name, kind)
-        for name in names for kind in kinds
-    ]  # fmt: skip
-
-
 def trainer(callbacks, steps):
     return pl.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, deterministic=True)  # fmt: skip
@@ -76,26 +53,17 @@ def fit(name, callbacks, steps):
     return module
 
 
-def raised_in_setup(error):
-    """True when a monitor raised ``error`` from ``setup`` or ``on_fit_setup`` (before any measurement)."""
-    frames = traceback.extract_tb(error.__traceback__)
-    return any(frame.name in ("setup", "on_fit_setup") and "hildtools" in frame.filename for frame in frames)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "kind"), cases(REAL_ZOO, MONITORS))
-def test_every_monitor_logs_or_refuses_in_setup_on_every_architecture(name, kind):
-    """Two steps, measured at the start and after step 2: finite values, or a ValueError/TypeError/RuntimeError
-    with a message from setup. A monitor that measures nothing without saying so fails."""
+@pytest.mark.parametrize("kind", MONITORS)
+@pytest.mark.parametrize("name", REAL_ZOO)
+def test_every_monitor_logs_on_every_architecture(name, kind):
+    """Two steps, measured at the start and after step 2: finite values of the monitor's quantities (its cost,
+    ``*/seconds``, alone does not count)."""
     monitor = make_monitor(kind, name)
-    try:
-        fit(name, [monitor], steps=2)
-    except (ValueError, TypeError, RuntimeError) as error:
-        assert raised_in_setup(error), f"{type(monitor).__name__} failed after setup: {error!r}"
-        assert len(str(error)) > 20, "a refusal says why"
-        return
+    fit(name, [monitor], steps=2)
     assert monitor.last_step == 2
-    assert monitor.last_metrics, f"{type(monitor).__name__} logged nothing on {name}"
+    quantities = [key for key in monitor.last_metrics if not key.endswith("/seconds")]
+    assert quantities, f"{type(monitor).__name__} logged nothing on {name}"
     assert all(math.isfinite(value) for value in monitor.last_metrics.values()), monitor.last_metrics
 
 
@@ -118,7 +86,8 @@ def plain_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "kind"), cases(("gpt2", "bert"), (*MONITORS, "all")))
+@pytest.mark.parametrize("kind", (*MONITORS, "all"))
+@pytest.mark.parametrize("name", ("gpt2", "bert"))
 def test_monitors_leave_transformer_training_bitwise_identical(plain_weights, name, kind):
     """12 steps of SGD with momentum and dropout on; every monitor measures (at the start and every 4 steps) and the
     weights are bitwise those of the run without monitors."""
