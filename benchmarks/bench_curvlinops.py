@@ -60,8 +60,11 @@ def mlp(widths):
 
 def problem(size):
     g = torch.Generator().manual_seed(0)
-    widths, n, steps, lr = {"eos": ((64, 48, 48, 10), 500, 600, 0.2), "1m": ((64, 700, 700, 700, 10), 256, 20, 0.05),
-                            "10m": ((64, 2200, 2200, 2200, 10), 64, 5, 0.02)}[size]
+    widths, n, steps, lr = {
+        "eos": ((64, 48, 48, 10), 500, 600, 0.2),
+        "1m": ((64, 700, 700, 700, 10), 256, 20, 0.05),
+        "10m": ((64, 2200, 2200, 2200, 10), 64, 5, 0.02),
+    }[size]
     centers = torch.randn(10, 64, generator=g)
     labels = torch.randint(0, 10, (n,), generator=g)
     x = centers[labels] + 0.5 * torch.randn(n, 64, generator=g)
@@ -86,8 +89,7 @@ def ours_top(model, batch, k, tol):
 
 
 def peer_operator(model, batch):
-    operator = HessianLinearOperator(model, nn.MSELoss(), list(model.parameters()), [batch],
-                                     check_deterministic=False)
+    operator = HessianLinearOperator(model, nn.MSELoss(), list(model.parameters()), [batch], check_deterministic=False)
     counter = [0]
     matmat = operator._matmat
 
@@ -135,10 +137,12 @@ def hvp_cost(model, batch, repeats):
     operator = HessianOperator(model, loss_fn, batch)
     peer, _ = peer_operator(model, batch)
     vector = torch.randn(operator.size)
-    jobs = {"forward+backward": lambda: torch.autograd.grad(loss_fn(model, batch), params),
-            "hildtools HVP (graph reused)": lambda: operator.matvec(vector),
-            "hildtools graph construction": lambda: HessianOperator(model, loss_fn, batch),
-            "curvlinops HVP": lambda: peer @ vector}
+    jobs = {
+        "forward+backward": lambda: torch.autograd.grad(loss_fn(model, batch), params),
+        "hildtools HVP (graph reused)": lambda: operator.matvec(vector),
+        "hildtools graph construction": lambda: HessianOperator(model, loss_fn, batch),
+        "curvlinops HVP": lambda: peer @ vector,
+    }
     samples = {name: [] for name in jobs}
     for job in jobs.values():
         job()
@@ -155,10 +159,12 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the machine is shared: two threads per process oversubscribe it
-    header = (f"Date {datetime.date.today()}; 2-core CPU, shared with other jobs, no GPU ({torch.get_num_threads()} "
-              f"torch threads); torch {torch.__version__}; curvlinops {getattr(curvlinops, '__version__', '3.0.1')}; "
-              f"Python {platform.python_version()}. Command: `python benchmarks/bench_curvlinops.py --sizes {args.sizes} "
-              f"--repeats {args.repeats}`.")
+    header = (
+        f"Date {datetime.date.today()}; 2-core CPU, shared with other jobs, no GPU ({torch.get_num_threads()} "
+        f"torch threads); torch {torch.__version__}; curvlinops {getattr(curvlinops, '__version__', '3.0.1')}; "
+        f"Python {platform.python_version()}. Command: `python benchmarks/bench_curvlinops.py --sizes {args.sizes} "
+        f"--repeats {args.repeats}`."
+    )
     lines = [header, ""]
     for size in args.sizes.split(","):
         model, batch = problem(size)
@@ -166,13 +172,21 @@ def main():
         if size == "10m":
             truth = hessian_eigenpairs(model, loss_fn, batch, k=6, tol=1e-8, max_iter=400).eigenvalues.numpy()
         else:
-            truth = hessian_eigenpairs(copy.deepcopy(model).double(), loss_fn, tuple(t.double() for t in batch), k=6,
-                                       tol=1e-10, max_iter=400).eigenvalues.numpy()
-        lines += [f"## `{size}`: P = {count:,}, batch {len(batch[0])}", "",
-                  f"Truth top-6: {', '.join(f'{v:.6g}' for v in truth)} (lambda2/lambda1 = {truth[1] / truth[0]:.4f})",
-                  "", ("| task | hildtools tuned: tol, HVPs, error | hildtools at tol = target: HVPs, error | "
-                       "curvlinops tuned: (tol, ncv), HVPs, error | HVPs peer/ours | median time ours (s) | "
-                       "median time peer (s) | time peer/ours |"), "|---|---|---|---|---|---|---|---|"]
+            truth = hessian_eigenpairs(
+                copy.deepcopy(model).double(), loss_fn, tuple(t.double() for t in batch), k=6, tol=1e-10, max_iter=400
+            ).eigenvalues.numpy()
+        lines += [
+            f"## `{size}`: P = {count:,}, batch {len(batch[0])}",
+            "",
+            f"Truth top-6: {', '.join(f'{v:.6g}' for v in truth)} (lambda2/lambda1 = {truth[1] / truth[0]:.4f})",
+            "",
+            (
+                "| task | hildtools tuned: tol, HVPs, error | hildtools at tol = target: HVPs, error | "
+                "curvlinops tuned: (tol, ncv), HVPs, error | HVPs peer/ours | median time ours (s) | "
+                "median time peer (s) | time peer/ours |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
         print(lines[-4], flush=True)
         for k in (1, 5):
             ncvs = (None, 2 * k + 2)
@@ -180,8 +194,13 @@ def main():
                 ours_tols = [t for t in TOLS if t >= target * 1e-1]
                 ours = tune(lambda tol: ours_top(model, batch, k, tol), target, truth, k, ours_tols)
                 plain_values, plain_hvps = ours_top(model, batch, k, target)
-                peer = tune(lambda c: peer_top(model, batch, k, *c), target, truth, k,
-                            [(t, n) for t in PEER_TOLS if t >= target * 1e-2 for n in ncvs])
+                peer = tune(
+                    lambda c: peer_top(model, batch, k, *c),
+                    target,
+                    truth,
+                    k,
+                    [(t, n) for t in PEER_TOLS if t >= target * 1e-2 for n in ncvs],
+                )
                 if ours is None or peer is None:
                     lines.append(f"| top-{k} at {target:g} | {ours} | {plain_hvps} | {peer} | | | | |")
                     continue
@@ -193,7 +212,8 @@ def main():
                 lines.append(
                     f"| top-{k} at {target:g} | {ours[0]:g}, {ours[1]}, {ours[2]:.1e} | {plain_hvps}, "
                     f"{error(plain_values, truth, k):.1e} | ({peer[0][0]:g}, {peer[0][1] or 'default'}), {peer[1]}, "
-                    f"{peer[2]:.1e} | {peer[1] / ours[1]:.2f}x | {t_ours:.3f} | {t_peer:.3f} | **{t_peer / t_ours:.2f}x** |")
+                    f"{peer[2]:.1e} | {peer[1] / ours[1]:.2f}x | {t_ours:.3f} | {t_peer:.3f} | **{t_peer / t_ours:.2f}x** |"
+                )
                 print(lines[-1], flush=True)
         # trace
         if size == "eos":
@@ -202,7 +222,10 @@ def main():
             reference, reference_note = torch.trace(dense).item(), "dense trace"
         elif size == "1m":
             big = hessian_trace(model, loss_fn, batch, num_samples=400, seed=99)
-            reference, reference_note = big.estimate, f"XTrace with 400 products (standard error {big.standard_error:.3g})"
+            reference, reference_note = (
+                big.estimate,
+                f"XTrace with 400 products (standard error {big.standard_error:.3g})",
+            )
         else:
             reference, reference_note = None, "none (too costly at this size)"
         times_ours, times_peer, errs_ours, errs_peer = [], [], [], []
@@ -216,10 +239,12 @@ def main():
                 errs_ours.append(abs(est - reference) / abs(reference))
                 errs_peer.append(abs(peer_est - reference) / abs(reference))
         t_ours, t_peer = statistics.median(times_ours), statistics.median(times_peer)
-        errs = (f"max error ours {max(errs_ours):.2%}, peer {max(errs_peer):.2%}" if errs_ours else "no reference")
-        trace_line = (f"Trace, XTrace with 60 products in both (reference: {reference_note}; {errs} over "
-                      f"{args.repeats} seeds): median time ours {t_ours:.3f} s, peer {t_peer:.3f} s, "
-                      f"**peer/ours {t_peer / t_ours:.2f}x**.")
+        errs = f"max error ours {max(errs_ours):.2%}, peer {max(errs_peer):.2%}" if errs_ours else "no reference"
+        trace_line = (
+            f"Trace, XTrace with 60 products in both (reference: {reference_note}; {errs} over "
+            f"{args.repeats} seeds): median time ours {t_ours:.3f} s, peer {t_peer:.3f} s, "
+            f"**peer/ours {t_peer / t_ours:.2f}x**."
+        )
         lines += ["", trace_line, ""]
         print(lines[-2], flush=True)
         if size in ("eos", "1m"):

@@ -41,9 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from hildtools.curvature import HessianOperator, hessian_eigenpairs
 from hildtools.curvature.lanczos import lanczos
 
-
-FUSED_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-               SDPBackend.MATH]
+FUSED_FIRST = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 """SDPA's kernels with the fused ones allowed (as in training by default)."""
 
 
@@ -58,8 +56,9 @@ def digits_mlp(width, device):
     x = torch.tensor(x / 16.0, dtype=torch.float32, device=device)
     y = torch.tensor(y, device=device)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                          nn.Linear(width, 10)).to(device)
+    model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)).to(
+        device
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(200):
         optimizer.zero_grad()
@@ -113,16 +112,18 @@ def costs(model, batch, repeats):
     gradient = timed(lambda: torch.autograd.grad(cross_entropy(model, batch), params), repeats)
     v = torch.randn(sum(p.numel() for p in params), device=params[0].device)
     rows = {}
-    for name, kwargs in (("finite differences, extrapolated (4 gradients)", {"hvp": "finite_difference"}),
-                         ("finite differences, plain (2 gradients)", {"hvp": "finite_difference",
-                                                                      "extrapolate": False})):
+    for name, kwargs in (
+        ("finite differences, extrapolated (4 gradients)", {"hvp": "finite_difference"}),
+        ("finite differences, plain (2 gradients)", {"hvp": "finite_difference", "extrapolate": False}),
+    ):
         operator = HessianOperator(model, cross_entropy, batch, **kwargs)
         rows[name] = timed(lambda operator=operator: operator.matvec(v), repeats) / gradient
     with sdpa_kernel([SDPBackend.MATH]):
         exact = HessianOperator(model, cross_entropy, batch, hvp="autograd")
         rows["double backward, one product (math SDPA kernel)"] = timed(lambda: exact.matvec(v), repeats) / gradient
-        rows["double backward, graph construction (once per measurement)"] = timed(
-            lambda: HessianOperator(model, cross_entropy, batch, hvp="autograd"), repeats) / gradient
+        rows["double backward, graph construction (once per measurement)"] = (
+            timed(lambda: HessianOperator(model, cross_entropy, batch, hvp="autograd"), repeats) / gradient
+        )
     return gradient, rows
 
 
@@ -136,14 +137,16 @@ def accuracy(model, batch, dtype):
     v = torch.randn(exact_op.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     exact_product = exact_op.matvec(v.to(exact_op.device)).cpu()
     rows = {}
-    for name, kwargs, math in (("finite differences, extrapolated", {"hvp": "finite_difference"}, False),
-                               ("finite differences, plain", {"hvp": "finite_difference", "extrapolate": False},
-                                False),
-                               ("double backward (fp32)", {"hvp": "autograd"}, True)):
+    for name, kwargs, math in (
+        ("finite differences, extrapolated", {"hvp": "finite_difference"}, False),
+        ("finite differences, plain", {"hvp": "finite_difference", "extrapolate": False}, False),
+        ("double backward (fp32)", {"hvp": "autograd"}, True),
+    ):
         with sdpa_kernel([SDPBackend.MATH] if math else FUSED_FIRST):
             operator = HessianOperator(model, cross_entropy, batch, **kwargs)
-            values = lanczos(operator.matvec, operator.size, 3, tol=1e-6, device=operator.device,
-                             dtype=operator.dtype).eigenvalues
+            values = lanczos(
+                operator.matvec, operator.size, 3, tol=1e-6, device=operator.device, dtype=operator.dtype
+            ).eigenvalues
             product = operator.matvec(v.to(operator.device)).double().cpu()
         errors = ((values - truth.eigenvalues).abs() / truth.eigenvalues.abs()).tolist()
         rows[name] = (max(errors), ((product - exact_product).norm() / exact_product.norm()).item())
@@ -159,24 +162,35 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    setting = (f"{datetime.date.today()}, torch {torch.__version__}, Python {platform.python_version()}, "
-               f"{args.threads} torch thread(s), width {args.width}.")
+    setting = (
+        f"{datetime.date.today()}, torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{args.threads} torch thread(s), width {args.width}."
+    )
     lines = [f"# Finite-difference Hessian-vector products ({args.device})", "", setting, ""]
     for name, build in PROBLEMS.items():
         model, batch = build(args.width, args.device)
         size = sum(p.numel() for p in model.parameters())
         gradient, cost_rows = costs(model, batch, args.repeats)
-        lines += [f"## {name} (P = {size}, batch {len(batch[1])})", "",
-                  f"One forward + backward: {gradient * 1e3:.1f} ms.", "",
-                  "| product | time / (forward + backward) |", "|---|---|"]
+        lines += [
+            f"## {name} (P = {size}, batch {len(batch[1])})",
+            "",
+            f"One forward + backward: {gradient * 1e3:.1f} ms.",
+            "",
+            "| product | time / (forward + backward) |",
+            "|---|---|",
+        ]
         lines += [f"| {row} | {ratio:.2f} |" for row, ratio in cost_rows.items()]
         for dtype in (torch.float32, torch.bfloat16):
             truth, rows = accuracy(model, batch, dtype)
             weights = str(dtype).removeprefix("torch.")
             top = ", ".join(f"{t:.5g}" for t in truth)
-            lines += ["", f"Accuracy, {weights} weights (top-3 truth {top}):", "",
-                      "| method | max relative error, top-3 eigenvalues | relative error of one product |",
-                      "|---|---|---|"]
+            lines += [
+                "",
+                f"Accuracy, {weights} weights (top-3 truth {top}):",
+                "",
+                "| method | max relative error, top-3 eigenvalues | relative error of one product |",
+                "|---|---|---|",
+            ]
             lines += [f"| {row} | {eig:.1e} | {hvp:.1e} |" for row, (eig, hvp) in rows.items()]
         lines.append("")
     report = "\n".join(lines)

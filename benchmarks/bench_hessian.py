@@ -67,8 +67,9 @@ def digits(n, device):
 def train(loss_fn, lr, steps, delta, width, batch, device):
     """Full-batch GD from a fixed init; returns copies of the model ``delta`` steps before the end and at the end."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                          nn.Linear(width, 10)).to(device)
+    model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)).to(
+        device
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     earlier = None
     for step in range(steps):
@@ -101,8 +102,9 @@ def relative_error(values, truth, k):
 def ours(model, loss_fn, batch, k, seeds, truth, device, tol=TARGET, init=None):
     runs = []
     for seed in range(seeds):
-        result, seconds = timed(lambda: hessian_eigenpairs(model, loss_fn, batch, k=k, tol=tol, init=init,
-                                                           seed=seed), device)
+        result, seconds = timed(
+            lambda: hessian_eigenpairs(model, loss_fn, batch, k=k, tol=tol, init=init, seed=seed), device
+        )
         runs.append((result.num_hvp, relative_error(result.eigenvalues, truth, k), seconds))
     return runs
 
@@ -117,8 +119,10 @@ def pyhessian_sweep(model, loss_fn, batch, k, seeds, truth, device, max_iter):
         runs = []
         for seed in range(seeds):
             torch.manual_seed(seed)  # PyHessian draws its start vectors from the global RNG
-            result, seconds = timed(lambda: hessian_eigenpairs(model, loss_fn, batch, k=k, tol=tol, max_iter=max_iter,
-                                                               backend="pyhessian"), device)
+            result, seconds = timed(
+                lambda: hessian_eigenpairs(model, loss_fn, batch, k=k, tol=tol, max_iter=max_iter, backend="pyhessian"),
+                device,
+            )
             values = result.eigenvalues.sort(descending=True).values
             runs.append((result.num_hvp, relative_error(values, truth, k), seconds))
         mean_hvp, error, _ = summary(runs)
@@ -190,8 +194,9 @@ def main():
         loss_fn, lr = STATES[state]
         earlier, model = train(loss_fn, lr, args.steps, args.delta, args.width, batch, device)
         size = sum(p.numel() for p in model.parameters())
-        truth_run = hessian_eigenpairs(copy.deepcopy(model).double(), loss_fn, tuple(t.double() for t in batch),
-                                       k=6, tol=1e-12, max_iter=600)
+        truth_run = hessian_eigenpairs(
+            copy.deepcopy(model).double(), loss_fn, tuple(t.double() for t in batch), k=6, tol=1e-12, max_iter=600
+        )
         truth = truth_run.eigenvalues
         lines += [
             f"## State `{state}`: P = {size:,} parameters, probe batch {args.n}, {loss_fn.__name__}, "
@@ -208,12 +213,16 @@ def main():
             cold = summary(ours(model, loss_fn, batch, k, args.seeds, truth, device))
             previous = hessian_eigenpairs(earlier, loss_fn, batch, k=k, tol=TARGET).eigenvectors
             warm = summary(ours(model, loss_fn, batch, k, args.seeds, truth, device, init=previous))
-            tol, py_runs, history = pyhessian_sweep(model, loss_fn, batch, k, args.seeds, truth, device,
-                                                    args.pyhessian_max_iter)
+            tol, py_runs, history = pyhessian_sweep(
+                model, loss_fn, batch, k, args.seeds, truth, device, args.pyhessian_max_iter
+            )
             sweeps.append(f"top-{k}: " + "; ".join(f"tol={t:g}: {h:.0f} HVPs, error {e:.1e}" for t, h, e in history))
             py = summary(py_runs)
-            py_label = f"PyHessian, tol={tol:g} (loosest reaching 1e-3)" if tol else \
-                f"PyHessian, tol={PYHESSIAN_TOLS[-1]:g}: NEVER reached 1e-3"
+            py_label = (
+                f"PyHessian, tol={tol:g} (loosest reaching 1e-3)"
+                if tol
+                else f"PyHessian, tol={PYHESSIAN_TOLS[-1]:g}: NEVER reached 1e-3"
+            )
             lines += [
                 f"| {k} | ours, tol=1e-3, cold | {cold[0]:.1f} | {cold[1]:.1e} | {cold[2]:.3f} |",
                 f"| {k} | ours, tol=1e-3, warm (eigenvectors from {args.delta} steps earlier) | {warm[0]:.1f} | "
@@ -222,12 +231,20 @@ def main():
                 f"| {k} | **ratios** | PyHessian/ours cold **{py[0] / cold[0]:.1f}x** HVPs; warm/cold "
                 f"**{warm[0] / cold[0]:.0%}** | | PyHessian/ours **{py[2] / cold[2]:.1f}x** time |",
             ]
-        lines += ["", f"PyHessian sweep (maxIter={args.pyhessian_max_iter}; mean HVPs, max true error over seeds): "
-                  + " | ".join(sweeps), ""]
+        lines += [
+            "",
+            f"PyHessian sweep (maxIter={args.pyhessian_max_iter}; mean HVPs, max true error over seeds): "
+            + " | ".join(sweeps),
+            "",
+        ]
     costs = hvp_cost(model, loss_fn, batch, device, args.repeats)
     base = costs["forward + backward"]
-    lines += [f"## Cost of one HVP (last state, P = {size:,}, batch {args.n}; median of {args.repeats})", "",
-              "| operation | time (ms) | / forward+backward |", "|---|---|---|"]
+    lines += [
+        f"## Cost of one HVP (last state, P = {size:,}, batch {args.n}; median of {args.repeats})",
+        "",
+        "| operation | time (ms) | / forward+backward |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {seconds * 1e3:.3f} | {seconds / base:.2f}x |" for name, seconds in costs.items()]
     report = "\n".join(lines) + "\n"
     print(report)

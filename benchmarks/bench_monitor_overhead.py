@@ -37,16 +37,21 @@ QUICKSTART = {  # the quickstart's settings (every_n_steps=25, probe_size=256)
     "hessian (k=3, every 100, density)": lambda: HessianEigenMonitor(k=3, every_n_steps=100, density=True),
     "eos (every 25, probe 64)": lambda: EdgeOfStabilityMonitor(every_n_steps=25),
     "ntk (every 100, probe 128)": lambda: NTKAlignmentMonitor(every_n_steps=100, probe_size=128, figures=True),
-    "neural collapse (every epoch)": lambda: NeuralCollapseMonitor(10, LAYERS, every_n_epochs=1, probe_size=1024,
-                                                                   figures=True),
-    "feature rank (every epoch)": lambda: FeatureRankMonitor(layers=LAYERS, every_n_epochs=1, probe_size=1024,
-                                                             figures=True),
+    "neural collapse (every epoch)": lambda: NeuralCollapseMonitor(
+        10, LAYERS, every_n_epochs=1, probe_size=1024, figures=True
+    ),
+    "feature rank (every epoch)": lambda: FeatureRankMonitor(
+        layers=LAYERS, every_n_epochs=1, probe_size=1024, figures=True
+    ),
     "invariant sets (every epoch)": lambda: InvariantSetMonitor(every_n_epochs=1, figures=True),
 }
 
 
 def configurations() -> dict:
-    configs = {"no monitor": lambda: [], "eos at its defaults (every 100, probe 64)": lambda: [EdgeOfStabilityMonitor()]}
+    configs = {
+        "no monitor": lambda: [],
+        "eos at its defaults (every 100, probe 64)": lambda: [EdgeOfStabilityMonitor()],
+    }
     configs.update({name: (lambda make=make: [make()]) for name, make in QUICKSTART.items()})
     configs["all six (quickstart)"] = lambda: [make() for make in QUICKSTART.values()]
     return configs
@@ -55,9 +60,17 @@ def configurations() -> dict:
 def train_seconds(make_callbacks, epochs: int, out: str) -> float:
     pl.seed_everything(0, verbose=False)
     train, _ = digits_loaders(64)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="auto", devices=1, callbacks=make_callbacks(),
-                         logger=pl.loggers.CSVLogger(out), enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        callbacks=make_callbacks(),
+        logger=pl.loggers.CSVLogger(out),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     model = DigitsCNN()
     start = time.perf_counter()
     trainer.fit(model, train)
@@ -77,7 +90,9 @@ def main(argv=None):
             times[name].append(train_seconds(make, args.epochs, args.out))
     base = statistics.median(times["no monitor"])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"device: {device}; torch {torch.__version__}; lightning {pl.__version__}; python {platform.python_version()}")
+    print(
+        f"device: {device}; torch {torch.__version__}; lightning {pl.__version__}; python {platform.python_version()}"
+    )
     steps = args.epochs * len(digits_loaders(64)[0])
     print(f"{args.epochs} epochs of the quickstart model ({steps} steps), median of {args.repeats} interleaved runs\n")
     print("| configuration | seconds | overhead |\n|---|---|---|")

@@ -41,7 +41,9 @@ from hildtools.metrics import empirical_ntk
 
 def make_problem(args, device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, args.outputs))
+    model = nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, args.outputs)
+    )
     x = torch.randn(args.n, 784, generator=torch.Generator().manual_seed(1))
     return model.to(device).eval(), x.to(device)
 
@@ -228,14 +230,20 @@ def transformer_benchmark(args):
     lines = [
         "# empirical NTK on a 2-layer GPT-2 (cpu)",
         "",
-        (f"Command: `OMP_NUM_THREADS={args.threads} python benchmarks/bench_ntk.py --transformer --threads {args.threads} "
-        f"--n {args.n} --length {args.length} --repeats {args.repeats}`"),
+        (
+            f"Command: `OMP_NUM_THREADS={args.threads} python benchmarks/bench_ntk.py --transformer --threads {args.threads} "
+            f"--n {args.n} --length {args.length} --repeats {args.repeats}`"
+        ),
         "",
-        (f"- date: {datetime.date.today()}; device: 2-core CPU, shared, no GPU ({platform.processor() or platform.machine()}); "
-        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min; other jobs ran); "
-        f"torch {torch.__version__}; python {platform.python_version()}; CPU threads: {args.threads}"),
-        (f"- model: GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=64), {params:,} parameters; "
-        f"n = {args.n} sequences of T = {args.length} tokens; C = T x V = {outputs:,} outputs per example"),
+        (
+            f"- date: {datetime.date.today()}; device: 2-core CPU, shared, no GPU ({platform.processor() or platform.machine()}); "
+            f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min; other jobs ran); "
+            f"torch {torch.__version__}; python {platform.python_version()}; CPU threads: {args.threads}"
+        ),
+        (
+            f"- model: GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=64), {params:,} parameters; "
+            f"n = {args.n} sequences of T = {args.length} tokens; C = T x V = {outputs:,} outputs per example"
+        ),
         f"- time: median of {args.repeats} runs after a warm-up",
         "",
         "| method (kernel: seeded projection over positions x vocabulary) | time (s) | speed-up vs naive | rel. error vs naive |",
@@ -246,14 +254,18 @@ def transformer_benchmark(args):
         lines.append(f"| {label} | {elapsed:.3f} | {naive / elapsed:.2f}x | {error:.1e} |")
     lines += [
         "",
-        (f"One NTKAlignmentMonitor measurement at its defaults (probe_size = {args.n}, output='auto') in a Lightning fit: "
-        f"{monitor:.2f} s (1-step fit with the monitor minus without); logged: {sorted(metrics)}."),
+        (
+            f"One NTKAlignmentMonitor measurement at its defaults (probe_size = {args.n}, output='auto') in a Lightning fit: "
+            f"{monitor:.2f} s (1-step fit with the monitor minus without); logged: {sorted(metrics)}."
+        ),
         "",
-        (f"The exact 'sum' over positions and vocabulary (the default before 'auto'): 256 Jacobian rows of one example "
-        f"took {row_seconds:.3f} s, so the {jacobian_rows:,} rows take about {row_seconds * jacobian_rows / 256:,.0f} s, "
-        f"and their n x n Gram product n^2 C P = {gram_flops:.1e} multiply-adds; within the 1 GiB default chunk "
-         f"({tangent.default_chunk_size():,} rows, one example each) the pairs of chunks recompute the rows "
-         f"{args.n + 1} / 2 times over: hours, which is why the old default never finished."),
+        (
+            f"The exact 'sum' over positions and vocabulary (the default before 'auto'): 256 Jacobian rows of one example "
+            f"took {row_seconds:.3f} s, so the {jacobian_rows:,} rows take about {row_seconds * jacobian_rows / 256:,.0f} s, "
+            f"and their n x n Gram product n^2 C P = {gram_flops:.1e} multiply-adds; within the 1 GiB default chunk "
+            f"({tangent.default_chunk_size():,} rows, one example each) the pairs of chunks recompute the rows "
+            f"{args.n + 1} / 2 times over: hours, which is why the old default never finished."
+        ),
     ]
     print("\n".join(lines))
 
@@ -280,7 +292,11 @@ def main():
         return measure(args, args.measure)
 
     chunks = [int(c) for c in args.chunk_sizes.split(",") if c]
-    names = ["naive_fp64"] + ([] if args.skip_naive_fp32 else ["naive_fp32"]) + ["ours_default", "ours_fp32_products", "ours_sketch"]
+    names = (
+        ["naive_fp64"]
+        + ([] if args.skip_naive_fp32 else ["naive_fp32"])
+        + ["ours_default", "ours_fp32_products", "ours_sketch"]
+    )
     names += [f"ours_chunk_{c}" for c in chunks]
     results = {}
     for name in names:
@@ -291,16 +307,24 @@ def main():
     params = sum(p.numel() for p in model.parameters())
     naive = results["naive_fp64"]["seconds"]
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    )
     lines = [
         f"# empirical NTK benchmark ({args.device})",
         "",
-        (f"- date: {datetime.date.today()}; device: {device}; torch {torch.__version__}; "
-        f"python {platform.python_version()}; CPU threads: {args.threads}"),
-        (f"- model: MLP 784-1024-256-{args.outputs} ({params:,} parameters), n = {args.n}, convention 'sum'; "
-        f"the naive Jacobian alone is {args.n * args.outputs * params * 4 / 2**20:,.0f} MiB"),
-        (f"- time: median of {args.repeats} runs after a warm-up; peak: extra memory over model + data "
-        f"({'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS, reset before the run'})"),
+        (
+            f"- date: {datetime.date.today()}; device: {device}; torch {torch.__version__}; "
+            f"python {platform.python_version()}; CPU threads: {args.threads}"
+        ),
+        (
+            f"- model: MLP 784-1024-256-{args.outputs} ({params:,} parameters), n = {args.n}, convention 'sum'; "
+            f"the naive Jacobian alone is {args.n * args.outputs * params * 4 / 2**20:,.0f} MiB"
+        ),
+        (
+            f"- time: median of {args.repeats} runs after a warm-up; peak: extra memory over model + data "
+            f"({'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS, reset before the run'})"
+        ),
         "",
         "| method | time (s) | speed-up vs naive (fp64 products) | peak extra memory (MiB) | rel. error vs naive fp64 |",
         "|---|---|---|---|---|",
@@ -313,16 +337,20 @@ def main():
         if name.startswith("ours_chunk_"):
             bound = 2 * int(name.rsplit("_", 1)[1]) * params * 4 / 2**20
             label += f" (2 x chunk x P x 4 B = {bound:.0f} MiB)"
-        lines.append(f"| {label} | {row['seconds']:.3f} | {naive / row['seconds']:.2f}x | {row['peak_mib']:.0f} | {error:.1e} |")
+        lines.append(
+            f"| {label} | {row['seconds']:.3f} | {naive / row['seconds']:.2f}x | {row['peak_mib']:.0f} | {error:.1e} |"
+        )
     sketch = torch.load(f"{args.tmp}/ours_sketch.pt")
     ratio = float(reference.trace() ** 2 / reference.norm() ** 2)
     diagonal = reference.diagonal()
     lines += [
         "",
-        (f"Sketch error, stated vs measured (k = {args.sketch_dim}): relative Frobenius error "
-        f"sqrt((1 + tr(K)^2/||K||_F^2)/k) = {((1 + ratio) / args.sketch_dim) ** 0.5:.3f} (participation ratio "
-        f"{ratio:.1f}) vs {float((sketch - reference).norm() / reference.norm()):.3f}; diagonal relative error "
-        f"sqrt(2/k) = {(2 / args.sketch_dim) ** 0.5:.4f} vs {float(((sketch.diagonal() / diagonal - 1) ** 2).mean().sqrt()):.4f} (rms)."),
+        (
+            f"Sketch error, stated vs measured (k = {args.sketch_dim}): relative Frobenius error "
+            f"sqrt((1 + tr(K)^2/||K||_F^2)/k) = {((1 + ratio) / args.sketch_dim) ** 0.5:.3f} (participation ratio "
+            f"{ratio:.1f}) vs {float((sketch - reference).norm() / reference.norm()):.3f}; diagonal relative error "
+            f"sqrt(2/k) = {(2 / args.sketch_dim) ** 0.5:.4f} vs {float(((sketch.diagonal() / diagonal - 1) ** 2).mean().sqrt()):.4f} (rms)."
+        ),
     ]
     print("\n".join(lines))
 

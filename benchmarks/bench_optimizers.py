@@ -167,7 +167,8 @@ def bench(total: float, args) -> list[str]:
     compiled = {k: v for k, v in compile_s.items() if "compiled" in k}
     if compiled:
         lines.append(
-            "First call (compilation) of the compiled paths: " + ", ".join(f"{k}: {v:.1f} s" for k, v in compiled.items())
+            "First call (compilation) of the compiled paths: "
+            + ", ".join(f"{k}: {v:.1f} s" for k, v in compiled.items())
         )
     return lines
 

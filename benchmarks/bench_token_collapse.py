@@ -50,9 +50,14 @@ def monitor_on_gpt2(repeats=5):
     tokens = torch.randint(0, 256, (64, 32))
     module = TinyGPT2()
     monitor = TimedMonitor(num_classes=256, every_n_steps=1, probe_data=(tokens, tokens), batch_size=64)
-    pl.Trainer(max_steps=repeats, callbacks=[monitor], logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False).fit(
-        module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=16))
+    pl.Trainer(
+        max_steps=repeats,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=16))
     module.eval()
     forwards = []
     for _ in range(repeats):
@@ -62,8 +67,10 @@ def monitor_on_gpt2(repeats=5):
         forwards.append(time.perf_counter() - start)
     measure = sorted(monitor.seconds[1:])[len(monitor.seconds[1:]) // 2]
     forward = sorted(forwards)[repeats // 2]
-    print(f"GPT-2 (2 layers, D=64, C=256), 64 x 32 positions: one measurement {measure:.3f} s, "
-          f"one forward over the probe {forward:.3f} s, ratio {measure / forward:.1f}")
+    print(
+        f"GPT-2 (2 layers, D=64, C=256), 64 x 32 positions: one measurement {measure:.3f} s, "
+        f"one forward over the probe {forward:.3f} s, ratio {measure / forward:.1f}"
+    )
 
 
 def vocabulary_sized(num_classes=50257, dim=768, sequences=8, length=256, chunk=2):
@@ -84,9 +91,11 @@ def vocabulary_sized(num_classes=50257, dim=768, sequences=8, length=256, chunk=
     compute = time.perf_counter() - start
     state = sum(t.numel() * t.element_size() for t in metric.metric_state.values())
     buffers = sum(t.numel() * t.element_size() for t in metric.buffers())
-    print(f"C={num_classes}, D={dim}, {sequences * length} positions ({int(result['num_classes_present'])} classes"
-          f" present): 2 passes {updates:.2f} s, compute {compute:.2f} s; states {state / 2**20:.0f} MiB, reference"
-          f" buffers {buffers / 2**20:.0f} MiB (a C x C fp64 scatter would be {num_classes**2 * 8 / 2**30:.1f} GiB)")
+    print(
+        f"C={num_classes}, D={dim}, {sequences * length} positions ({int(result['num_classes_present'])} classes"
+        f" present): 2 passes {updates:.2f} s, compute {compute:.2f} s; states {state / 2**20:.0f} MiB, reference"
+        f" buffers {buffers / 2**20:.0f} MiB (a C x C fp64 scatter would be {num_classes**2 * 8 / 2**30:.1f} GiB)"
+    )
 
 
 if __name__ == "__main__":

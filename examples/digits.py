@@ -22,7 +22,9 @@ def digits_loaders(batch_size: int = 64, val_fraction: float = 0.2, seed: int = 
     n_val = int(val_fraction * len(labels))
     val, train = order[:n_val], order[n_val:]
     train_loader = DataLoader(
-        TensorDataset(images[train], labels[train]), batch_size=batch_size, shuffle=True,
+        TensorDataset(images[train], labels[train]),
+        batch_size=batch_size,
+        shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
     val_loader = DataLoader(TensorDataset(images[val], labels[val]), batch_size=256)

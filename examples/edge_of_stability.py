@@ -52,8 +52,9 @@ class FullBatchMLP(pl.LightningModule):
     def __init__(self, optimizer: str, lr: float, width: int):
         super().__init__()
         self.optimizer_name, self.lr = optimizer, lr
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                                 nn.Linear(width, 10))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)
+        )
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -73,13 +74,27 @@ class History(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.monitor.last_step == trainer.global_step and self.monitor.last_metrics:
-            self.rows.append((trainer.global_step, float(outputs["loss"]), self.monitor.last_metrics["eos/sharpness"],
-                              self.monitor.last_metrics["eos/threshold"]))
+            self.rows.append(
+                (
+                    trainer.global_step,
+                    float(outputs["loss"]),
+                    self.monitor.last_metrics["eos/sharpness"],
+                    self.monitor.last_metrics["eos/threshold"],
+                )
+            )
 
 
-def run(optimizer: str = "gd", lr: float = 0.2, steps: int = 1000, n: int = 1000, width: int = 64,
-        every_n_steps: int = 10, seed: int = 0, out: str = "outputs/edge_of_stability",
-        use_wandb: bool = False) -> list[tuple]:
+def run(
+    optimizer: str = "gd",
+    lr: float = 0.2,
+    steps: int = 1000,
+    n: int = 1000,
+    width: int = 64,
+    every_n_steps: int = 10,
+    seed: int = 0,
+    out: str = "outputs/edge_of_stability",
+    use_wandb: bool = False,
+) -> list[tuple]:
     """Train full-batch; returns rows (step, loss, sharpness, threshold) at each measurement."""
     pl.seed_everything(seed, verbose=False)
     images, labels = digits_tensors()
@@ -87,9 +102,16 @@ def run(optimizer: str = "gd", lr: float = 0.2, steps: int = 1000, n: int = 1000
     monitor = EdgeOfStabilityMonitor(every_n_steps=every_n_steps, probe_data=data[:], measure_at_start=False)
     history = History(monitor)
     trainer = pl.Trainer(
-        max_steps=steps, max_epochs=-1, accelerator="auto", devices=1, callbacks=[monitor, history],
-        logger=make_logger(out, f"{optimizer}_lr{lr:g}_seed{seed}", use_wandb), enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=False, log_every_n_steps=every_n_steps,
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator="auto",
+        devices=1,
+        callbacks=[monitor, history],
+        logger=make_logger(out, f"{optimizer}_lr{lr:g}_seed{seed}", use_wandb),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        log_every_n_steps=every_n_steps,
     )
     trainer.fit(FullBatchMLP(optimizer, lr, width), DataLoader(data, batch_size=n))
     finish_wandb(use_wandb)
@@ -101,13 +123,15 @@ def ratios(rows: list[tuple]) -> tuple[float, float, int | None]:
     0.9 x threshold (None if never)."""
     values = torch.tensor([s / t for _, _, s, t in rows])
     reached = next((step for step, _, s, t in rows if s >= 0.9 * t), None)
-    return float(values[0]), float(values[len(values) // 2:].median()), reached
+    return float(values[0]), float(values[len(values) // 2 :].median()), reached
 
 
 def criteria(rows: list[tuple], lr: float) -> list[tuple[str, bool]]:
     first, median, _ = ratios(rows)
-    return [(f"lr {lr:g}: first sharpness below 0.8 x threshold", first < 0.8),
-            (f"lr {lr:g}: median sharpness / threshold over the second half in [0.9, 1.2]", 0.9 <= median <= 1.2)]
+    return [
+        (f"lr {lr:g}: first sharpness below 0.8 x threshold", first < 0.8),
+        (f"lr {lr:g}: median sharpness / threshold over the second half in [0.9, 1.2]", 0.9 <= median <= 1.2),
+    ]
 
 
 def numbers(runs: dict[float, list[list[tuple]]]) -> str:
@@ -116,10 +140,12 @@ def numbers(runs: dict[float, list[list[tuple]]]) -> str:
     for lr, seeds in runs.items():
         stats = [ratios(rows) for rows in seeds]
         reached = [r for _, _, r in stats if r is not None]
-        parts.append(f"lr {lr:g} (threshold {seeds[0][-1][3]:.3g}): sharpness / threshold first "
-                     f"{mean_spread([s[0] for s in stats], '.2f')}, second-half median "
-                     f"{mean_spread([s[1] for s in stats], '.2f')}, 0.9 x threshold first reached at step "
-                     f"{mean_spread(reached, '.0f') if reached else 'never'}")
+        parts.append(
+            f"lr {lr:g} (threshold {seeds[0][-1][3]:.3g}): sharpness / threshold first "
+            f"{mean_spread([s[0] for s in stats], '.2f')}, second-half median "
+            f"{mean_spread([s[1] for s in stats], '.2f')}, 0.9 x threshold first reached at step "
+            f"{mean_spread(reached, '.0f') if reached else 'never'}"
+        )
     return "; ".join(parts)
 
 
@@ -131,10 +157,9 @@ def plot(runs: dict[float, list[list[tuple]]], optimizer: str, out: str) -> str:
     for lr, seeds in runs.items():
         rows = seeds[0]
         steps = [r[0] for r in rows]
-        line, = top.plot(steps, [r[1] for r in rows], label=f"lr {lr:g}")
+        (line,) = top.plot(steps, [r[1] for r in rows], label=f"lr {lr:g}")
         bottom.plot(steps, [r[2] for r in rows], color=line.get_color(), label=f"{name}, lr {lr:g}")
-        bottom.axhline(rows[-1][3], color=line.get_color(), ls="--", lw=1,
-                       label=f"{threshold} = {rows[-1][3]:.3g}")
+        bottom.axhline(rows[-1][3], color=line.get_color(), ls="--", lw=1, label=f"{threshold} = {rows[-1][3]:.3g}")
     top.set(ylabel="train loss", yscale="log", title=f"{optimizer}, full batch (first seed)")
     top.legend(fontsize="small")
     bottom.set(xlabel="step", ylabel=name)
@@ -145,9 +170,14 @@ def plot(runs: dict[float, list[list[tuple]]], optimizer: str, out: str) -> str:
 def main(argv=None):
     parser = parser_for(__doc__, "outputs/edge_of_stability")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="gd", help="gd, heavy ball 0.9, Adam")
-    parser.add_argument("--lrs", type=float, nargs="+", default=None,
-                        help="learning rates; default per optimizer: " + ", ".join(
-                            f"{k} {' '.join(map(str, v))}" for k, v in DEFAULT_LRS.items()))
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="learning rates; default per optimizer: "
+        + ", ".join(f"{k} {' '.join(map(str, v))}" for k, v in DEFAULT_LRS.items()),
+    )
     parser.add_argument("--steps", type=int, default=1000, help="full-batch steps")
     parser.add_argument("--n", type=int, default=1000, help="training examples (full batch)")
     parser.add_argument("--width", type=int, default=64, help="hidden units of both tanh layers")
@@ -162,8 +192,9 @@ def main(argv=None):
     for seed in seed_list(args):
         checks = []
         for lr in lrs:
-            rows = run(args.optimizer, lr, args.steps, args.n, args.width, args.every_n_steps, seed, args.out,
-                       args.wandb)
+            rows = run(
+                args.optimizer, lr, args.steps, args.n, args.width, args.every_n_steps, seed, args.out, args.wandb
+            )
             runs[lr].append(rows)
             checks += criteria(rows, lr)
         per_seed.append(checks)

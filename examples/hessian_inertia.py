@@ -63,13 +63,27 @@ class Eigenspaces(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args):
         m = self.monitor.last_metrics
         if self.monitor.last_step == trainer.global_step and "hessian/eig_0" in m:
-            self.rows.append({"step": trainer.global_step, "eig_0": m["hessian/eig_0"],
-                              "overlap_prev": m.get("hessian/overlap_prev")})
+            self.rows.append(
+                {
+                    "step": trainer.global_step,
+                    "eig_0": m["hessian/eig_0"],
+                    "overlap_prev": m.get("hessian/overlap_prev"),
+                }
+            )
             self.vectors.append(self.monitor.vectors.detach().cpu().clone())
 
 
-def run(k=5, epochs=10, width=64, lr=0.1, every_n_steps=25, probe_size=512, seed=0, out="outputs/hessian_inertia",
-        use_wandb=False):
+def run(
+    k=5,
+    epochs=10,
+    width=64,
+    lr=0.1,
+    every_n_steps=25,
+    probe_size=512,
+    seed=0,
+    out="outputs/hessian_inertia",
+    use_wandb=False,
+):
     """Train once; returns (rows, k/P). Each row also holds ``overlap_final`` (with the last measurement) and
     ``overlap_first`` (with the first)."""
     pl.seed_everything(seed, verbose=False)
@@ -77,9 +91,16 @@ def run(k=5, epochs=10, width=64, lr=0.1, every_n_steps=25, probe_size=512, seed
     monitor = HessianEigenMonitor(k=k, every_n_steps=every_n_steps, probe_size=probe_size)
     spaces = Eigenspaces(monitor)
     model = DigitsMLP(width, lr)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="auto", devices=1, callbacks=[monitor, spaces],
-                         logger=make_logger(out, f"inertia_seed{seed}", use_wandb), enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        callbacks=[monitor, spaces],
+        logger=make_logger(out, f"inertia_seed{seed}", use_wandb),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(model, train)
     finish_wandb(use_wandb)
     for row, vectors in zip(spaces.rows, spaces.vectors):
@@ -91,16 +112,23 @@ def run(k=5, epochs=10, width=64, lr=0.1, every_n_steps=25, probe_size=512, seed
 def summary(rows: list[dict]) -> dict:
     consecutive = torch.tensor([r["overlap_prev"] for r in rows[1:]])
     half = len(consecutive) // 2
-    return {"late": float(consecutive[half:].median()), "early": float(consecutive[:half].median()),
-            "middle_to_end": rows[len(rows) // 2]["overlap_final"], "first_to_end": rows[-1]["overlap_first"],
-            "middle_step": rows[len(rows) // 2]["step"], "last_step": rows[-1]["step"]}
+    return {
+        "late": float(consecutive[half:].median()),
+        "early": float(consecutive[:half].median()),
+        "middle_to_end": rows[len(rows) // 2]["overlap_final"],
+        "first_to_end": rows[-1]["overlap_first"],
+        "middle_step": rows[len(rows) // 2]["step"],
+        "last_step": rows[-1]["step"],
+    }
 
 
 def criteria(rows: list[dict]) -> list[tuple[str, bool]]:
     s = summary(rows)
-    return [("median consecutive overlap over the second half >= 0.9", s["late"] >= 0.9),
-            ("overlap of the middle measurement with the final one >= 0.7", s["middle_to_end"] >= 0.7),
-            ("the subspace moved early: final overlap with the first measurement < 0.5", s["first_to_end"] < 0.5)]
+    return [
+        ("median consecutive overlap over the second half >= 0.9", s["late"] >= 0.9),
+        ("overlap of the middle measurement with the final one >= 0.7", s["middle_to_end"] >= 0.7),
+        ("the subspace moved early: final overlap with the first measurement < 0.5", s["first_to_end"] < 0.5),
+    ]
 
 
 def numbers(runs: list[list[dict]], k: int, every: int, baseline: float) -> str:
@@ -109,10 +137,12 @@ def numbers(runs: list[list[dict]], k: int, every: int, baseline: float) -> str:
     def of(key):
         return mean_spread([s[key] for s in stats], ".3f")
 
-    return (f"top-{k} eigenspace overlap between consecutive measurements ({every} steps apart): median {of('late')} "
-            f"over the second half (first half {of('early')}); middle (step {stats[0]['middle_step']}) to end "
-            f"(step {stats[0]['last_step']}) {of('middle_to_end')}; first to end {of('first_to_end')}; "
-            f"random subspaces k/P = {baseline:.1e}")
+    return (
+        f"top-{k} eigenspace overlap between consecutive measurements ({every} steps apart): median {of('late')} "
+        f"over the second half (first half {of('early')}); middle (step {stats[0]['middle_step']}) to end "
+        f"(step {stats[0]['last_step']}) {of('middle_to_end')}; first to end {of('first_to_end')}; "
+        f"random subspaces k/P = {baseline:.1e}"
+    )
 
 
 def plot(rows: list[dict], k: int, baseline: float, out: str) -> str:
@@ -143,12 +173,18 @@ def main(argv=None):
         args.epochs, args.width, args.every_n_steps, args.probe_size = 4, 16, 10, 256
     runs, baseline = [], None
     for seed in seed_list(args):
-        rows, baseline = run(args.k, args.epochs, args.width, args.lr, args.every_n_steps, args.probe_size, seed,
-                             args.out, args.wandb)
+        rows, baseline = run(
+            args.k, args.epochs, args.width, args.lr, args.every_n_steps, args.probe_size, seed, args.out, args.wandb
+        )
         runs.append(rows)
     figure = plot(runs[0], args.k, baseline, args.out)
-    report("hessian_inertia", combine([criteria(rows) for rows in runs]),
-           numbers(runs, args.k, args.every_n_steps, baseline), figure, seed_list(args))
+    report(
+        "hessian_inertia",
+        combine([criteria(rows) for rows in runs]),
+        numbers(runs, args.k, args.every_n_steps, baseline),
+        figure,
+        seed_list(args),
+    )
 
 
 if __name__ == "__main__":

@@ -96,8 +96,19 @@ class HeavyBall:
             parameter.sub_(self.lr * buffer)
 
 
-def run(lrs=(0.01, 0.005, 0.0025, 0.00125, 0.000625), beta0=0.99, sweep_points=11, steps=12000, seeds=3,
-        label_noise=0.5, target=0.1, every=50, seed=0, out="outputs/momentum_scaling", use_wandb=False) -> dict:
+def run(
+    lrs=(0.01, 0.005, 0.0025, 0.00125, 0.000625),
+    beta0=0.99,
+    sweep_points=11,
+    steps=12000,
+    seeds=3,
+    label_noise=0.5,
+    target=0.1,
+    every=50,
+    seed=0,
+    out="outputs/momentum_scaling",
+    use_wandb=False,
+) -> dict:
     """Train fixed-beta, scaled-beta and beta-sweep configurations, each with ``seeds`` label-noise streams.
 
     A run reaches the target at the first measurement with error < target, and counts only if its last error
@@ -111,11 +122,15 @@ def run(lrs=(0.01, 0.005, 0.0025, 0.00125, 0.000625), beta0=0.99, sweep_points=1
     configs = [("fixed", lr, beta0) for lr in lrs] + [("sweep", lr, 1 - gap) for lr in lrs for gap in gaps]
     configs += [("scaled", lr, beta0) for lr in lrs]
     manual = [c for c in configs if c[0] != "scaled"]
-    heavy_ball = HeavyBall([lr for _, lr, _ in manual for _ in range(seeds)],
-                           [beta for _, _, beta in manual for _ in range(seeds)], x.shape[1])
+    heavy_ball = HeavyBall(
+        [lr for _, lr, _ in manual for _ in range(seeds)],
+        [beta for _, _, beta in manual for _ in range(seeds)],
+        x.shape[1],
+    )
     runs = Runs(len(lrs) * seeds, x.shape[1])
-    scaled = torch.optim.SGD(runs.groups([lr for lr in lrs for _ in range(seeds)], [beta0] * len(lrs) * seeds),
-                             lr=lrs[0])
+    scaled = torch.optim.SGD(
+        runs.groups([lr for lr in lrs for _ in range(seeds)], [beta0] * len(lrs) * seeds), lr=lrs[0]
+    )
     scaling = MomentumScaling(scaled, lr0=lrs[0], beta0=beta0)  # 1 - beta = C lr^(2/3), set before every step
     noise_of_run = torch.arange(len(configs) * seeds) % seeds
     noise = torch.Generator().manual_seed(seed + 1)
@@ -134,12 +149,22 @@ def run(lrs=(0.01, 0.005, 0.0025, 0.00125, 0.000625), beta0=0.99, sweep_points=1
         if step % every == 0:
             with torch.no_grad():
                 error = (torch.cat([heavy_ball.weights(), runs.weights()]) - w_star).pow(2).sum(1)
-            curves.append((step, error[[c * seeds + s for c, cfg in enumerate(configs) if cfg[0] != "sweep"
-                                        for s in range(seeds)]]))
+            curves.append(
+                (
+                    step,
+                    error[[c * seeds + s for c, cfg in enumerate(configs) if cfg[0] != "sweep" for s in range(seeds)]],
+                )
+            )
             reached = [step if r is None and e < target else r for r, e in zip(reached, error.tolist())]
             if logger is not None:
-                logger.log(step, {f"{kind}/lr_{lr:g}/test_error": float(error[c * seeds])
-                                  for c, (kind, lr, _) in enumerate(configs) if kind != "sweep"})
+                logger.log(
+                    step,
+                    {
+                        f"{kind}/lr_{lr:g}/test_error": float(error[c * seeds])
+                        for c, (kind, lr, _) in enumerate(configs)
+                        if kind != "sweep"
+                    },
+                )
     settled = [r if e < 10 * target else None for r, e in zip(reached, error.tolist())]  # NaN: not settled
     result = {
         "configs": configs, "curves": curves, "lrs": list(lrs), "gaps": gaps, "C": scaling.C, "seeds": seeds,
@@ -175,8 +200,11 @@ class WandbCurves:
 
 def sweep_curve(result: dict, lr: float, s: int) -> list[tuple[float, float | None]]:
     """(1 - beta, steps to target or None) of the sweep at ``lr`` for noise seed ``s``, largest gap first."""
-    return [(1 - beta, hits[s]) for (kind, run_lr, beta), hits in zip(result["configs"], result["hits"])
-            if kind == "sweep" and run_lr == lr]
+    return [
+        (1 - beta, hits[s])
+        for (kind, run_lr, beta), hits in zip(result["configs"], result["hits"])
+        if kind == "sweep" and run_lr == lr
+    ]
 
 
 def fastest_gap(curve: list[tuple[float, float | None]]) -> tuple[float, float] | None:
@@ -187,7 +215,7 @@ def fastest_gap(curve: list[tuple[float, float | None]]) -> tuple[float, float] 
         return None
     i = min(hits, key=lambda j: curve[j][1])
     if 0 < i < len(curve) - 1 and curve[i - 1][1] is not None and curve[i + 1][1] is not None:
-        (x0, y0), (x1, y1), (_x2, y2) = ((math.log(g), math.log(t)) for g, t in curve[i - 1:i + 2])
+        (x0, y0), (x1, y1), (_x2, y2) = ((math.log(g), math.log(t)) for g, t in curve[i - 1 : i + 2])
         curvature = (y0 - 2 * y1 + y2) / ((x1 - x0) ** 2)
         if curvature > 0:  # even grid in log gap: vertex = x1 - h (y2 - y0) / (2 (y0 - 2 y1 + y2))
             return math.exp(x1 - (x1 - x0) * (y2 - y0) / (2 * (y0 - 2 * y1 + y2))), curve[i][1]
@@ -219,20 +247,25 @@ def hits_of(result: dict, kind: str, s: int) -> list[float | None]:
 
 def summary(result: dict, s: int) -> dict:
     best = [(lr, b[0]) for lr in result["lrs"] if (b := fastest_gap(sweep_curve(result, lr, s))) is not None]
-    return {"fixed": hits_of(result, "fixed", s), "scaled": hits_of(result, "scaled", s), "best": best,
-            "exponent": fitted_exponent(best),
-            "bracketed": [bracketed(sweep_curve(result, lr, s)) for lr in result["lrs"]]}
+    return {
+        "fixed": hits_of(result, "fixed", s),
+        "scaled": hits_of(result, "scaled", s),
+        "best": best,
+        "exponent": fitted_exponent(best),
+        "bracketed": [bracketed(sweep_curve(result, lr, s)) for lr in result["lrs"]],
+    }
 
 
 def criteria(result: dict, s: int) -> list[tuple[str, bool]]:
     m = summary(result, s)
     a = m["exponent"]
     faster = all(sc is not None and (f is None or f > sc) for f, sc in zip(m["fixed"][1:], m["scaled"][1:]))
-    return [("scaled beta reaches the target at every lr", None not in m["scaled"]),
-            ("scaled beta reaches it sooner than the fixed beta at every smaller lr", faster),
-            ("every lr's fastest beta is bracketed by the sweep within the budget", all(m["bracketed"])),
-            ("fitted exponent closest to 2/3 among 1/2, 2/3, 1 (in [7/12, 5/6])",
-             a is not None and 7 / 12 <= a <= 5 / 6)]
+    return [
+        ("scaled beta reaches the target at every lr", None not in m["scaled"]),
+        ("scaled beta reaches it sooner than the fixed beta at every smaller lr", faster),
+        ("every lr's fastest beta is bracketed by the sweep within the budget", all(m["bracketed"])),
+        ("fitted exponent closest to 2/3 among 1/2, 2/3, 1 (in [7/12, 5/6])", a is not None and 7 / 12 <= a <= 5 / 6),
+    ]
 
 
 def numbers(result: dict, beta0: float, steps: int, target: float) -> str:
@@ -247,10 +280,12 @@ def numbers(result: dict, beta0: float, steps: int, target: float) -> str:
     gaps = ", ".join(mean_spread([dict(m["best"]).get(lr) for m in stats], ".2g") for lr in lrs)
     exponents = [m["exponent"] for m in stats]
     fitted = mean_spread(exponents, ".2f")
-    return (f"steps to ||w-w*||^2 < {target:g} at lr {'/'.join(f'{lr:g}' for lr in lrs)}: fixed beta={beta0:g}: "
-            f"{', '.join(column('fixed', i) for i in range(len(lrs)))}; scaled 1-beta ∝ lr^(2/3): "
-            f"{', '.join(column('scaled', i) for i in range(len(lrs)))}; fastest 1-beta in the sweep {gaps} -> "
-            f"1-beta* ∝ lr^a with a = {fitted} (candidates 1/2, 2/3, 1)")
+    return (
+        f"steps to ||w-w*||^2 < {target:g} at lr {'/'.join(f'{lr:g}' for lr in lrs)}: fixed beta={beta0:g}: "
+        f"{', '.join(column('fixed', i) for i in range(len(lrs)))}; scaled 1-beta ∝ lr^(2/3): "
+        f"{', '.join(column('scaled', i) for i in range(len(lrs)))}; fastest 1-beta in the sweep {gaps} -> "
+        f"1-beta* ∝ lr^a with a = {fitted} (candidates 1/2, 2/3, 1)"
+    )
 
 
 def plot(result: dict, beta0: float, out: str) -> str:
@@ -260,8 +295,13 @@ def plot(result: dict, beta0: float, out: str) -> str:
     shown = [cfg for cfg in result["configs"] if cfg[0] != "sweep"]
     for c, (kind, lr, _) in enumerate(shown):
         errors = [float(e[c * seeds]) for _, e in result["curves"]]
-        line, = axes[0].semilogy([s for s, _ in result["curves"]], errors, ls="-" if kind == "scaled" else ":",
-                                 color=colors.get(lr), label=f"{kind}, lr {lr:g}")
+        (line,) = axes[0].semilogy(
+            [s for s, _ in result["curves"]],
+            errors,
+            ls="-" if kind == "scaled" else ":",
+            color=colors.get(lr),
+            label=f"{kind}, lr {lr:g}",
+        )
         colors[lr] = line.get_color()
     axes[0].set(xlabel="step", ylabel="||w - w*||^2 (first seed)", title=f"fixed beta={beta0:g} (dotted) vs scaled")
     lrs = result["lrs"]
@@ -288,8 +328,9 @@ def plot(result: dict, beta0: float, out: str) -> str:
 def main(argv=None):
     parser = parser_for(__doc__, "outputs/momentum_scaling")
     parser.set_defaults(seeds=3)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.005, 0.0025, 0.00125, 0.000625],
-                        help="largest first")
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=[0.01, 0.005, 0.0025, 0.00125, 0.000625], help="largest first"
+    )
     parser.add_argument("--beta0", type=float, default=0.99, help="beta at the largest lr (fixed runs and C)")
     parser.add_argument("--sweep-points", type=int, default=11, help="1-beta = 0.1 / sqrt(3)^i, i < this")
     parser.add_argument("--steps", type=int, default=12000, help="budget of every run")
@@ -298,12 +339,26 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tiny:
         args.lrs, args.sweep_points, args.steps, args.seeds = [0.01, 0.0025], 7, 3000, 1
-    result = run(args.lrs, args.beta0, args.sweep_points, args.steps, args.seeds, args.label_noise, args.target,
-                 seed=args.seed, out=args.out, use_wandb=args.wandb)
+    result = run(
+        args.lrs,
+        args.beta0,
+        args.sweep_points,
+        args.steps,
+        args.seeds,
+        args.label_noise,
+        args.target,
+        seed=args.seed,
+        out=args.out,
+        use_wandb=args.wandb,
+    )
     path = plot(result, args.beta0, args.out)
-    report("momentum_scaling", combine([criteria(result, s) for s in range(args.seeds)]),
-           numbers(result, args.beta0, args.steps, args.target), path,
-           [args.seed + s for s in range(args.seeds)])
+    report(
+        "momentum_scaling",
+        combine([criteria(result, s) for s in range(args.seeds)]),
+        numbers(result, args.beta0, args.steps, args.target),
+        path,
+        [args.seed + s for s in range(args.seeds)],
+    )
 
 
 if __name__ == "__main__":

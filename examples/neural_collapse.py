@@ -84,8 +84,9 @@ class DigitsMLP(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9,
-                               weight_decay=self.hparams.weight_decay)
+        return torch.optim.SGD(
+            self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=self.hparams.weight_decay
+        )
 
 
 class History(pl.Callback):
@@ -111,19 +112,36 @@ def layer_names(depth: int) -> list[str]:
     return [f"hidden.{i}" for i in range(1, depth)] + ["classifier"]
 
 
-def run(epochs=300, width=128, depth=4, lr=0.05, weight_decay=5e-4, loss="mse", batch_size=64, every_n_epochs=5,
-        seed=0, out="outputs/neural_collapse", use_wandb=False) -> list[dict]:
+def run(
+    epochs=300,
+    width=128,
+    depth=4,
+    lr=0.05,
+    weight_decay=5e-4,
+    loss="mse",
+    batch_size=64,
+    every_n_epochs=5,
+    seed=0,
+    out="outputs/neural_collapse",
+    use_wandb=False,
+) -> list[dict]:
     """Train; returns one row per measurement: epoch, train_error and the ``nc/<layer>/<measure>`` values."""
     pl.seed_everything(seed, verbose=False)
     train_loader, _ = digits_loaders(batch_size, seed=seed)
     images, labels = train_loader.dataset.tensors
-    monitor = NeuralCollapseMonitor(num_classes=10, layers=layer_names(depth), every_n_epochs=every_n_epochs,
-                                    probe_data=(images, labels))
+    monitor = NeuralCollapseMonitor(
+        num_classes=10, layers=layer_names(depth), every_n_epochs=every_n_epochs, probe_data=(images, labels)
+    )
     history = History(monitor, images, labels)
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="auto", devices=1, callbacks=[monitor, history],
-        logger=make_logger(out, f"neural_collapse_seed{seed}", use_wandb), enable_checkpointing=False,
-        enable_model_summary=False, log_every_n_steps=10,
+        max_epochs=epochs,
+        accelerator="auto",
+        devices=1,
+        callbacks=[monitor, history],
+        logger=make_logger(out, f"neural_collapse_seed{seed}", use_wandb),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
     )
     trainer.fit(DigitsMLP(width, depth, lr, weight_decay, loss), train_loader)
     return history.rows
@@ -133,9 +151,13 @@ def summary(rows: list[dict], depth: int) -> dict:
     """NC values at the first measurement, at the first with zero training error (None if never) and at the end."""
     first, last = rows[0], rows[-1]
     zero = next((row for row in rows if row["train_error"] == 0), None)
-    result = {"zero_epoch": None if zero is None else zero["epoch"], "last_error": last["train_error"],
-              "nc4": last["nc/classifier/nc4"], "etf_end": last["nc/classifier/nc2_max_angle"],
-              "etf_zero": None if zero is None else zero["nc/classifier/nc2_max_angle"]}
+    result = {
+        "zero_epoch": None if zero is None else zero["epoch"],
+        "last_error": last["train_error"],
+        "nc4": last["nc/classifier/nc4"],
+        "etf_end": last["nc/classifier/nc2_max_angle"],
+        "etf_zero": None if zero is None else zero["nc/classifier/nc2_max_angle"],
+    }
     for name in layer_names(depth):
         key = f"nc/{name}/nc1"
         result[f"{name}/first"], result[f"{name}/end"] = first[key], last[key]
@@ -147,12 +169,16 @@ def summary(rows: list[dict], depth: int) -> dict:
 def criteria(rows: list[dict], depth: int) -> list[tuple[str, bool]]:
     s = summary(rows, depth)
     reached = s["zero_epoch"] is not None
-    return [("last-layer NC1 falls >= 2x over training", s["classifier/first"] >= 2 * s["classifier/end"]),
-            ("training error reaches 0", reached),
-            ("last-layer NC1 falls >= 1.5x after zero training error", reached and s["classifier/after_zero"] >= 1.5),
-            ("last-layer nc2_max_angle (0 for a simplex ETF) falls after zero training error",
-             reached and s["etf_end"] < s["etf_zero"]),
-            ("NC4: nearest-class-mean rule disagrees on <= 1% at the end", s["nc4"] <= 0.01)]
+    return [
+        ("last-layer NC1 falls >= 2x over training", s["classifier/first"] >= 2 * s["classifier/end"]),
+        ("training error reaches 0", reached),
+        ("last-layer NC1 falls >= 1.5x after zero training error", reached and s["classifier/after_zero"] >= 1.5),
+        (
+            "last-layer nc2_max_angle (0 for a simplex ETF) falls after zero training error",
+            reached and s["etf_end"] < s["etf_zero"],
+        ),
+        ("NC4: nearest-class-mean rule disagrees on <= 1% at the end", s["nc4"] <= 0.01),
+    ]
 
 
 def numbers(runs: list[list[dict]], depth: int) -> str:
@@ -163,17 +189,23 @@ def numbers(runs: list[list[dict]], depth: int) -> str:
 
     zero = [s["zero_epoch"] for s in stats]
     if None in zero:
-        return (f"training error did not reach 0 in {sum(z is None for z in zero)} of {len(zero)} seeds (last "
-                f"error {of('last_error', '.4f')}); last-layer NC1 {of('classifier/first')} -> {of('classifier/end')}")
+        return (
+            f"training error did not reach 0 in {sum(z is None for z in zero)} of {len(zero)} seeds (last "
+            f"error {of('last_error', '.4f')}); last-layer NC1 {of('classifier/first')} -> {of('classifier/end')}"
+        )
     layers = []
     for name in layer_names(depth):
         after = [s[f"{name}/after_zero"] for s in stats]
         wording = "keeps falling" if min(after) >= 1.5 else "flat" if max(after) < 1.1 else "falls a little"
-        layers.append(f"{name} {of(f'{name}/first')} -> {of(f'{name}/zero')} -> {of(f'{name}/end')} "
-                      f"({of(f'{name}/after_zero', '.2f')}x after zero error: {wording})")
-    return (f"train error 0 from epoch {of('zero_epoch', '.0f')}; NC1 at first measurement -> zero error -> end, by "
-            f"layer input: {'; '.join(layers)}; last layer nc2_max_angle {of('etf_zero')} -> {of('etf_end')} "
-            f"(simplex ETF: 0), NC4 mismatch {of('nc4', '.3f')}")
+        layers.append(
+            f"{name} {of(f'{name}/first')} -> {of(f'{name}/zero')} -> {of(f'{name}/end')} "
+            f"({of(f'{name}/after_zero', '.2f')}x after zero error: {wording})"
+        )
+    return (
+        f"train error 0 from epoch {of('zero_epoch', '.0f')}; NC1 at first measurement -> zero error -> end, by "
+        f"layer input: {'; '.join(layers)}; last layer nc2_max_angle {of('etf_zero')} -> {of('etf_end')} "
+        f"(simplex ETF: 0), NC4 mismatch {of('nc4', '.3f')}"
+    )
 
 
 def plot(rows: list[dict], depth: int, out: str) -> str:
@@ -187,8 +219,11 @@ def plot(rows: list[dict], depth: int, out: str) -> str:
     axes[0].set(xlabel="epoch", ylabel="NC1 = Tr(Sw Sb+)/C", title="within-class variability")
     axes[1].axhline(0, color="k", lw=1)
     axes[1].set(xlabel="epoch", ylabel="mean |cos + 1/(C-1)|", title="NC2: distance to the simplex ETF (0, solid)")
-    for key, label in (("nc2_equinorm", "NC2 equinorm (CoV)"), ("nc3", "NC3 self-duality"),
-                       ("nc4", "NC4 NCC mismatch")):
+    for key, label in (
+        ("nc2_equinorm", "NC2 equinorm (CoV)"),
+        ("nc3", "NC3 self-duality"),
+        ("nc4", "NC4 NCC mismatch"),
+    ):
         axes[2].plot(epochs, [row[f"nc/classifier/{key}"] for row in rows], label=label)
     axes[2].plot(epochs, [row["train_error"] for row in rows], "k:", label="train error")
     axes[2].set(xlabel="epoch", title="last layer")
@@ -215,12 +250,30 @@ def main(argv=None):
         args.epochs, args.width, args.depth, args.every_n_epochs = 4, 32, 2, 1
     runs = []
     for seed in seed_list(args):
-        runs.append(run(args.epochs, args.width, args.depth, args.lr, args.weight_decay, args.loss, args.batch_size,
-                        args.every_n_epochs, seed, args.out, args.wandb))
+        runs.append(
+            run(
+                args.epochs,
+                args.width,
+                args.depth,
+                args.lr,
+                args.weight_decay,
+                args.loss,
+                args.batch_size,
+                args.every_n_epochs,
+                seed,
+                args.out,
+                args.wandb,
+            )
+        )
         finish_wandb(args.wandb)
     figure = plot(runs[0], args.depth, args.out)
-    report("neural_collapse", combine([criteria(rows, args.depth) for rows in runs]), numbers(runs, args.depth),
-           figure, seed_list(args))
+    report(
+        "neural_collapse",
+        combine([criteria(rows, args.depth) for rows in runs]),
+        numbers(runs, args.depth),
+        figure,
+        seed_list(args),
+    )
 
 
 if __name__ == "__main__":

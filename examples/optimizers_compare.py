@@ -115,8 +115,19 @@ def train_one(optimizer, lr, weight_decay, epochs, seed, out, use_wandb) -> Hist
     return history
 
 
-def run(sign_lr=3e-4, adamw_lr=3e-3, sign_wd=0.1, adamw_wd=0.01, sigmas=(0.1, 1.0, 10.0), ngn_wd=0.01, sgd_wd=1e-3,
-        epochs=10, seed=0, out="outputs/optimizers_compare", use_wandb=False) -> dict[tuple[str, float], History]:
+def run(
+    sign_lr=3e-4,
+    adamw_lr=3e-3,
+    sign_wd=0.1,
+    adamw_wd=0.01,
+    sigmas=(0.1, 1.0, 10.0),
+    ngn_wd=0.01,
+    sgd_wd=1e-3,
+    epochs=10,
+    seed=0,
+    out="outputs/optimizers_compare",
+    use_wandb=False,
+) -> dict[tuple[str, float], History]:
     """Returns {(optimizer, lr): History} for AdamW, Lion, Signum, and NGN / SGD at every sigma."""
     configs = [("adamw", adamw_lr, adamw_wd), ("lion", sign_lr, sign_wd), ("signum", sign_lr, sign_wd)]
     configs += [(name, sigma, wd) for sigma in sigmas for name, wd in (("ngn", ngn_wd), ("sgd", sgd_wd))]
@@ -125,7 +136,7 @@ def run(sign_lr=3e-4, adamw_lr=3e-3, sign_wd=0.1, adamw_wd=0.01, sigmas=(0.1, 1.
 
 def epoch_means(values: list[float], epochs: int) -> list[float]:
     per_epoch = len(values) // epochs
-    return [sum(values[i * per_epoch:(i + 1) * per_epoch]) / per_epoch for i in range(epochs)]
+    return [sum(values[i * per_epoch : (i + 1) * per_epoch]) / per_epoch for i in range(epochs)]
 
 
 def final_loss(history: History, epochs: int) -> float:
@@ -141,8 +152,10 @@ def describe_gamma(gammas: list[float], epochs: int, sigma: float) -> str:
         shape.append("warm-up")
     if means[-1] < 0.9 * means[peak]:
         shape.append("decay")
-    return (f"NGN sigma={sigma:g} step size {means[0]:.3g} (epoch 1) -> peak {means[peak]:.3g} (epoch {peak + 1}) "
-            f"-> {means[-1]:.3g} (epoch {epochs}): {' then '.join(shape) or 'no clear warm-up or decay'}")
+    return (
+        f"NGN sigma={sigma:g} step size {means[0]:.3g} (epoch 1) -> peak {means[peak]:.3g} (epoch {peak + 1}) "
+        f"-> {means[-1]:.3g} (epoch {epochs}): {' then '.join(shape) or 'no clear warm-up or decay'}"
+    )
 
 
 def val_acc(history: History, epochs: int) -> float:
@@ -162,9 +175,11 @@ def summary(results, sigmas, epochs) -> dict:
 def criteria(results, sigmas, epochs) -> list[tuple[str, bool]]:
     s = summary(results, sigmas, epochs)
     best_sgd = s["sgd"][s["sgd_best_lr"]]
-    return [("Lion, Signum and AdamW each reach >= 0.95 val acc", min(s["adamw"], s["lion"], s["signum"]) >= 0.95),
-            ("NGN reaches >= 0.90 val acc at every sigma", min(s["ngn"].values()) >= 0.90),
-            ("NGN's worst sigma within 0.02 val acc of SGD at its best lr", min(s["ngn"].values()) >= best_sgd - 0.02)]
+    return [
+        ("Lion, Signum and AdamW each reach >= 0.95 val acc", min(s["adamw"], s["lion"], s["signum"]) >= 0.95),
+        ("NGN reaches >= 0.90 val acc at every sigma", min(s["ngn"].values()) >= 0.90),
+        ("NGN's worst sigma within 0.02 val acc of SGD at its best lr", min(s["ngn"].values()) >= best_sgd - 0.02),
+    ]
 
 
 def numbers(runs, sigmas, epochs) -> str:
@@ -175,8 +190,10 @@ def numbers(runs, sigmas, epochs) -> str:
     sgd = ", ".join(f"{sigma:g}: {mean_spread([s['sgd'][sigma] for s in stats], '.3f')}" for sigma in sigmas)
     best = ", ".join(f"{s['sgd_best_lr']:g}" for s in stats)
     gamma = describe_gamma(runs[0][("ngn", max(sigmas))].gammas, epochs, max(sigmas))
-    return (f"val acc after {epochs} epochs (0 = did not train): {sign}; NGN by sigma {ngn}; SGD by lr {sgd} (best lr "
-            f"per seed {best}); first seed: {gamma}")
+    return (
+        f"val acc after {epochs} epochs (0 = did not train): {sign}; NGN by sigma {ngn}; SGD by lr {sgd} (best lr "
+        f"per seed {best}); first seed: {gamma}"
+    )
 
 
 def plot(results, sigmas, epochs, out) -> str:
@@ -188,15 +205,23 @@ def plot(results, sigmas, epochs, out) -> str:
             axes[0].semilogy(epoch_axis, epoch_means(history.losses, epochs), label=f"{name} lr {lr:g}")
     for sigma in sigmas:
         gammas = results[("ngn", sigma)].gammas
-        line, = axes[1].semilogy(gammas, lw=0.5, alpha=0.4)
+        (line,) = axes[1].semilogy(gammas, lw=0.5, alpha=0.4)
         steps_per_epoch = len(gammas) // epochs
-        axes[1].semilogy([steps_per_epoch * (e - 0.5) for e in epoch_axis], epoch_means(gammas, epochs),
-                         color=line.get_color(), label=f"NGN gamma, sigma {sigma:g}")
+        axes[1].semilogy(
+            [steps_per_epoch * (e - 0.5) for e in epoch_axis],
+            epoch_means(gammas, epochs),
+            color=line.get_color(),
+            label=f"NGN gamma, sigma {sigma:g}",
+        )
         axes[1].axhline(sigma, color=line.get_color(), ls="--", lw=1)
         for name, style in (("ngn", "-"), ("sgd", ":")):
-            axes[2].semilogy(epoch_axis, epoch_means(results[(name, sigma)].losses, epochs), ls=style,
-                             color=line.get_color(), label=f"{name.upper()} {'sigma' if name == 'ngn' else 'lr'} "
-                             f"{sigma:g}")
+            axes[2].semilogy(
+                epoch_axis,
+                epoch_means(results[(name, sigma)].losses, epochs),
+                ls=style,
+                color=line.get_color(),
+                label=f"{name.upper()} {'sigma' if name == 'ngn' else 'lr'} {sigma:g}",
+            )
     axes[0].set(xlabel="epoch", ylabel="train loss (epoch mean)", title="Lion vs Signum vs AdamW")
     axes[1].set(xlabel="step", ylabel="step size gamma", title="NGN's self-tuned step (dashed: sigma)")
     axes[2].set(xlabel="epoch", ylabel="train loss (epoch mean)", title="NGN (sigma) vs SGD (lr) on one grid")
@@ -213,17 +238,35 @@ def main(argv=None):
     parser.add_argument("--adamw-lr", type=float, default=3e-3, help="lr of AdamW")
     parser.add_argument("--sign-wd", type=float, default=0.1, help="decoupled weight decay of Lion and Signum")
     parser.add_argument("--adamw-wd", type=float, default=0.01, help="weight decay of AdamW")
-    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 1.0, 10.0],
-                        help="NGN's sigma grid, also SGD's lr grid")
+    parser.add_argument(
+        "--sigmas", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="NGN's sigma grid, also SGD's lr grid"
+    )
     parser.add_argument("--epochs", type=int, default=10, help="epochs per run")
     args = parser.parse_args(argv)
     if args.tiny:
         args.epochs, args.sigmas = 1, [0.1, 10.0]
-    runs = [run(args.sign_lr, args.adamw_lr, args.sign_wd, args.adamw_wd, args.sigmas, epochs=args.epochs, seed=seed,
-                out=args.out, use_wandb=args.wandb) for seed in seed_list(args)]
+    runs = [
+        run(
+            args.sign_lr,
+            args.adamw_lr,
+            args.sign_wd,
+            args.adamw_wd,
+            args.sigmas,
+            epochs=args.epochs,
+            seed=seed,
+            out=args.out,
+            use_wandb=args.wandb,
+        )
+        for seed in seed_list(args)
+    ]
     path = plot(runs[0], args.sigmas, args.epochs, args.out)
-    report("optimizers_compare", combine([criteria(results, args.sigmas, args.epochs) for results in runs]),
-           numbers(runs, args.sigmas, args.epochs), path, seed_list(args))
+    report(
+        "optimizers_compare",
+        combine([criteria(results, args.sigmas, args.epochs) for results in runs]),
+        numbers(runs, args.sigmas, args.epochs),
+        path,
+        seed_list(args),
+    )
 
 
 if __name__ == "__main__":

@@ -107,8 +107,9 @@ def combine(per_seed: list[list[tuple[str, bool]]]) -> list[tuple[str, bool]]:
     return combined
 
 
-def report(name: str, criteria: list[tuple[str, bool]], numbers: str, figure_path: str | None,
-           seeds: list[int]) -> bool:
+def report(
+    name: str, criteria: list[tuple[str, bool]], numbers: str, figure_path: str | None, seeds: list[int]
+) -> bool:
     """Prints ``VERDICT <name>: PASS|FAIL (<met>/<all> criteria, <seeds>); <numbers>``, one ``[PASS]``/``[FAIL]``
     line per criterion and ``figure: <path>``; returns whether every criterion passed."""
     passed = all(ok for _, ok in criteria)

@@ -40,8 +40,14 @@ class DigitsCNN(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 64), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(512, 64),
+            nn.ReLU(),
         )
         self.classifier = nn.Linear(64, 10)
 
@@ -61,17 +67,27 @@ class DigitsCNN(pl.LightningModule):
         self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self):
-        return SAM(self.parameters(), torch.optim.SGD, rho=self.hparams.rho, lr=self.hparams.lr,
-                   momentum=self.hparams.momentum)
+        return SAM(
+            self.parameters(), torch.optim.SGD, rho=self.hparams.rho, lr=self.hparams.lr, momentum=self.hparams.momentum
+        )
 
     def on_fit_start(self):
         check_lightning_compat(self.trainer)  # refuses settings SAM cannot run correctly under; hands it the model
 
 
 HEADLINES = [
-    "hessian/eig_0", "hessian/overlap_init", "eos/sharpness", "eos/threshold", "eos/ratio", "ntk/target_alignment",
-    "ntk/relative_change", "nc/classifier/nc1", "nc/features.5/nc1", "rank/classifier/pca_rank",
-    "rank/features.5/pca_rank", "collapse/features.6/independent_fraction",
+    "hessian/eig_0",
+    "hessian/overlap_init",
+    "eos/sharpness",
+    "eos/threshold",
+    "eos/ratio",
+    "ntk/target_alignment",
+    "ntk/relative_change",
+    "nc/classifier/nc1",
+    "nc/features.5/nc1",
+    "rank/classifier/pca_rank",
+    "rank/features.5/pca_rank",
+    "collapse/features.6/independent_fraction",
 ]
 
 
@@ -114,9 +130,16 @@ def main(argv=None):
     ]
     logger = make_logger(args)
     trainer = pl.Trainer(
-        max_epochs=args.epochs, accelerator="auto", devices=1, logger=logger, callbacks=list(monitors),
-        default_root_dir=args.out, log_every_n_steps=5, enable_checkpointing=False,
-        limit_train_batches=10 if args.tiny else None, limit_val_batches=2 if args.tiny else None,
+        max_epochs=args.epochs,
+        accelerator="auto",
+        devices=1,
+        logger=logger,
+        callbacks=list(monitors),
+        default_root_dir=args.out,
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        limit_train_batches=10 if args.tiny else None,
+        limit_val_batches=2 if args.tiny else None,
     )
     trainer.fit(DigitsCNN(args.lr), train_loader, val_loader)
 

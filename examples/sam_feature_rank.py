@@ -115,7 +115,7 @@ class SwitchToBase(pl.Callback):
 
 def measurement_steps(steps: int, every_n_steps: int) -> set[int]:
     """Step 0, log-spaced early steps 1, 2, 5, 10, 20, 50, ... and every ``every_n_steps``."""
-    early = {m * 10 ** e for e in range(6) for m in (1, 2, 5)}
+    early = {m * 10**e for e in range(6) for m in (1, 2, 5)}
     return {0} | {s for s in early if s <= steps} | set(range(every_n_steps, steps + 1, every_n_steps))
 
 
@@ -146,8 +146,19 @@ class History(pl.Callback):
             self.record(trainer, pl_module)
 
 
-def run(rhos=(0.0, 0.05, 0.2), steps=6000, sam_fraction=0.5, n=50, width=100, lr=0.1, threshold=0.9999,
-        every_n_steps=200, seed=0, out="outputs/sam_feature_rank", use_wandb=False) -> dict[float, list[dict]]:
+def run(
+    rhos=(0.0, 0.05, 0.2),
+    steps=6000,
+    sam_fraction=0.5,
+    n=50,
+    width=100,
+    lr=0.1,
+    threshold=0.9999,
+    every_n_steps=200,
+    seed=0,
+    out="outputs/sam_feature_rank",
+    use_wandb=False,
+) -> dict[float, list[dict]]:
     """One run per rho (0 = SGD); returns {rho: rows} with the History columns."""
     train, test = teacher_data(n, seed=seed)
     results = {}
@@ -155,8 +166,9 @@ def run(rhos=(0.0, 0.05, 0.2), steps=6000, sam_fraction=0.5, n=50, width=100, lr
         pl.seed_everything(seed, verbose=False)
         monitor = FeatureRankMonitor(threshold=threshold, every_n_steps=every_n_steps, probe_data=train)
         history = History(measurement_steps(steps, every_n_steps), threshold, train, test)
-        loader = DataLoader(TensorDataset(*train), batch_size=1, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(
+            TensorDataset(*train), batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        )
         trainer = pl.Trainer(
             max_steps=steps, max_epochs=-1, accelerator="auto", devices=1,
             callbacks=[SwitchToBase(int(sam_fraction * steps)), monitor, history],
@@ -188,13 +200,19 @@ def criteria(results: dict[float, list[dict]], n: int) -> list[tuple[str, bool]]
     for rho, rows in results.items():
         if rho == 0:
             continue
-        gap, early = sgd[-1]["feature_rank"] - rows[-1]["feature_rank"], (at_step(sgd, 10)["feature_rank"]
-                                                                          - at_step(rows, 10)["feature_rank"])
-        checks += [(f"{label(rho)}: final feature rank below SGD's", gap > 0),
-                   (f"{label(rho)}: at step 10 the gap is under half the final gap", gap > 0 and early < gap / 2),
-                   (f"{label(rho)}: rank below SGD's at matched training loss",
-                    (matched := matched_rank(sgd, rows[-1]["train_mse"])) is not None
-                    and rows[-1]["feature_rank"] < matched)]
+        gap, early = (
+            sgd[-1]["feature_rank"] - rows[-1]["feature_rank"],
+            (at_step(sgd, 10)["feature_rank"] - at_step(rows, 10)["feature_rank"]),
+        )
+        checks += [
+            (f"{label(rho)}: final feature rank below SGD's", gap > 0),
+            (f"{label(rho)}: at step 10 the gap is under half the final gap", gap > 0 and early < gap / 2),
+            (
+                f"{label(rho)}: rank below SGD's at matched training loss",
+                (matched := matched_rank(sgd, rows[-1]["train_mse"])) is not None
+                and rows[-1]["feature_rank"] < matched,
+            ),
+        ]
     checks.append((f"SGD's final rank below n = {n}", sgd[-1]["feature_rank"] < n))
     return checks
 
@@ -204,19 +222,28 @@ def numbers(runs: list[dict[float, list[dict]]], threshold: float) -> str:
     step = runs[0][rhos[0]][-1]["step"]
 
     def of(rho, key, fmt=".3g", where=-1):
-        return mean_spread([results[rho][where][key] if where == -1 else at_step(results[rho], where)[key]
-                            for results in runs], fmt)
+        return mean_spread(
+            [results[rho][where][key] if where == -1 else at_step(results[rho], where)[key] for results in runs], fmt
+        )
 
-    ranks = ", ".join(f"{label(rho)} {of(rho, 'feature_rank', '.1f', 0)} -> {of(rho, 'feature_rank', '.1f', 10)} "
-                      f"-> {of(rho, 'feature_rank', '.1f')}" for rho in rhos)
-    matched = ", ".join(f"{label(rho)} {of(rho, 'feature_rank', '.1f')} vs SGD "
-                        f"{mean_spread([matched_rank(r[0.0], r[rho][-1]['train_mse']) for r in runs], '.1f')}"
-                        for rho in rhos if rho > 0)
-    return (f"feature rank at {100 * threshold:g}% energy at steps 0 -> 10 -> {step}: {ranks}; at matched training "
-            f"loss (SGD's first measurement at SAM's final train MSE): {matched}; active ReLUs "
-            f"{', '.join(of(rho, 'active_relus', '.0f') for rho in rhos)}; train MSE "
-            f"{', '.join(of(rho, 'train_mse', '.2g') for rho in rhos)}; test MSE "
-            f"{', '.join(of(rho, 'test_mse', '.2g') for rho in rhos)}")
+    ranks = ", ".join(
+        f"{label(rho)} {of(rho, 'feature_rank', '.1f', 0)} -> {of(rho, 'feature_rank', '.1f', 10)} "
+        f"-> {of(rho, 'feature_rank', '.1f')}"
+        for rho in rhos
+    )
+    matched = ", ".join(
+        f"{label(rho)} {of(rho, 'feature_rank', '.1f')} vs SGD "
+        f"{mean_spread([matched_rank(r[0.0], r[rho][-1]['train_mse']) for r in runs], '.1f')}"
+        for rho in rhos
+        if rho > 0
+    )
+    return (
+        f"feature rank at {100 * threshold:g}% energy at steps 0 -> 10 -> {step}: {ranks}; at matched training "
+        f"loss (SGD's first measurement at SAM's final train MSE): {matched}; active ReLUs "
+        f"{', '.join(of(rho, 'active_relus', '.0f') for rho in rhos)}; train MSE "
+        f"{', '.join(of(rho, 'train_mse', '.2g') for rho in rhos)}; test MSE "
+        f"{', '.join(of(rho, 'test_mse', '.2g') for rho in rhos)}"
+    )
 
 
 def plot(results: dict[float, list[dict]], threshold: float, sam_step: int, out: str) -> str:
@@ -228,9 +255,18 @@ def plot(results: dict[float, list[dict]], threshold: float, sam_step: int, out:
         axes[0].plot(steps, [row["feature_rank"] for row in rows], label=label)
         axes[1].plot(steps, [row["active_relus"] for row in rows], label=label)
         axes[2].semilogy(steps, [row["train_mse"] for row in rows], label=f"{label} train")
-        axes[2].semilogy(steps, [row["test_mse"] for row in rows], ls="--", color=axes[2].lines[-1].get_color(),
-                         label=f"{label} test")
-    axes[0].set(xlabel="step (step 0 at 0.5)", ylabel=f"PCs for {100 * threshold:g}% energy", title="feature rank (training inputs)")
+        axes[2].semilogy(
+            steps,
+            [row["test_mse"] for row in rows],
+            ls="--",
+            color=axes[2].lines[-1].get_color(),
+            label=f"{label} test",
+        )
+    axes[0].set(
+        xlabel="step (step 0 at 0.5)",
+        ylabel=f"PCs for {100 * threshold:g}% energy",
+        title="feature rank (training inputs)",
+    )
     axes[1].set(xlabel="step", ylabel="ReLUs active on some input", title="active neurons")
     axes[2].set(xlabel="step", ylabel="MSE", title="loss")
     for ax in axes:
@@ -256,11 +292,30 @@ def main(argv=None):
         args.rhos = [0.0, *args.rhos]
     if args.tiny:
         args.rhos, args.steps, args.every_n_steps = [0.0, 0.2], 200, 50
-    runs = [run(args.rhos, args.steps, args.sam_fraction, args.n, args.width, args.lr, args.threshold,
-                args.every_n_steps, seed, args.out, args.wandb) for seed in seed_list(args)]
+    runs = [
+        run(
+            args.rhos,
+            args.steps,
+            args.sam_fraction,
+            args.n,
+            args.width,
+            args.lr,
+            args.threshold,
+            args.every_n_steps,
+            seed,
+            args.out,
+            args.wandb,
+        )
+        for seed in seed_list(args)
+    ]
     path = plot(runs[0], args.threshold, int(args.sam_fraction * args.steps), args.out)
-    report("sam_feature_rank", combine([criteria(results, args.n) for results in runs]),
-           numbers(runs, args.threshold), path, seed_list(args))
+    report(
+        "sam_feature_rank",
+        combine([criteria(results, args.n) for results in runs]),
+        numbers(runs, args.threshold),
+        path,
+        seed_list(args),
+    )
 
 
 if __name__ == "__main__":

@@ -107,7 +107,9 @@ class History(pl.Callback):
         self.monitor, self.rows, self.kernels = monitor, [], []
 
     def record(self, trainer):
-        if self.monitor.last_step == trainer.global_step and (not self.rows or self.rows[-1]["step"] < trainer.global_step):
+        if self.monitor.last_step == trainer.global_step and (
+            not self.rows or self.rows[-1]["step"] < trainer.global_step
+        ):
             self.rows.append({"step": trainer.global_step, **self.monitor.last_metrics})
             self.kernels.append(self.monitor.last_kernel.cpu())
 
@@ -147,24 +149,35 @@ def alignment_time(rows: list[dict], fraction: float = 0.9) -> dict:
 
 def summary(small: list[dict], lazy: list[dict]) -> dict:
     aligned = alignment_time(small)
-    return {"start": small[0]["ntk/target_alignment"], "end": small[-1]["ntk/target_alignment"],
-            "aligned_step": aligned["step"], "loss_at_alignment": aligned["loss"] / small[0]["loss"],
-            "final_at_alignment": aligned["final_alignment"],
-            "half_step": next((r["step"] for r in small if r["loss"] <= 0.5 * small[0]["loss"]), None),
-            "final_loss": small[-1]["loss"] / small[0]["loss"],
-            "lazy_start": lazy[0]["ntk/target_alignment"], "lazy_end": lazy[-1]["ntk/target_alignment"],
-            "lazy_change": lazy[-1]["ntk/relative_change"], "lazy_loss": lazy[-1]["loss"] / lazy[0]["loss"]}
+    return {
+        "start": small[0]["ntk/target_alignment"],
+        "end": small[-1]["ntk/target_alignment"],
+        "aligned_step": aligned["step"],
+        "loss_at_alignment": aligned["loss"] / small[0]["loss"],
+        "final_at_alignment": aligned["final_alignment"],
+        "half_step": next((r["step"] for r in small if r["loss"] <= 0.5 * small[0]["loss"]), None),
+        "final_loss": small[-1]["loss"] / small[0]["loss"],
+        "lazy_start": lazy[0]["ntk/target_alignment"],
+        "lazy_end": lazy[-1]["ntk/target_alignment"],
+        "lazy_change": lazy[-1]["ntk/relative_change"],
+        "lazy_loss": lazy[-1]["loss"] / lazy[0]["loss"],
+    }
 
 
 def criteria(small: list[dict], lazy: list[dict], args) -> list[tuple[str, bool]]:
     s = summary(small, lazy)
-    checks = [("small init: task alignment rises by >= 0.1", s["end"] - s["start"] >= 0.1),
-              ("small init: 90% of the rise while the loss is >= 90% of its initial value",
-               s["loss_at_alignment"] >= 0.9)]
+    checks = [
+        ("small init: task alignment rises by >= 0.1", s["end"] - s["start"] >= 0.1),
+        ("small init: 90% of the rise while the loss is >= 90% of its initial value", s["loss_at_alignment"] >= 0.9),
+    ]
     if args.activation == "linear":
         theory = 2 / (args.dim + 3) ** 0.5
-        checks.append((f"small init: final task alignment within 0.05 of 2/sqrt(d+3) = {theory:.3f}",
-                       abs(s["end"] - theory) <= 0.05))
+        checks.append(
+            (
+                f"small init: final task alignment within 0.05 of 2/sqrt(d+3) = {theory:.3f}",
+                abs(s["end"] - theory) <= 0.05,
+            )
+        )
     checks.append(("standard init: kernel relative change < 0.1", s["lazy_change"] < 0.1))
     return checks
 
@@ -175,11 +188,13 @@ def numbers(pairs: list[tuple[list[dict], list[dict]]]) -> str:
     def of(key, fmt=".3f"):
         return mean_spread([s[key] for s in stats], fmt)
 
-    return (f"small init: task alignment {of('start')} -> {of('end')}; 90% of the rise by step {of('aligned_step', '.0f')}"
-            f", where the loss is {of('loss_at_alignment')} of its initial value and the kernel's alignment with "
-            f"its final value is {of('final_at_alignment')}; loss halves at step {of('half_step', '.0f')}; final "
-            f"loss {of('final_loss', '.2e')} of initial. Standard init: alignment {of('lazy_start')} -> "
-            f"{of('lazy_end')}, kernel moves {of('lazy_change')} (relative), final loss {of('lazy_loss', '.2e')}")
+    return (
+        f"small init: task alignment {of('start')} -> {of('end')}; 90% of the rise by step {of('aligned_step', '.0f')}"
+        f", where the loss is {of('loss_at_alignment')} of its initial value and the kernel's alignment with "
+        f"its final value is {of('final_at_alignment')}; loss halves at step {of('half_step', '.0f')}; final "
+        f"loss {of('final_loss', '.2e')} of initial. Standard init: alignment {of('lazy_start')} -> "
+        f"{of('lazy_end')}, kernel moves {of('lazy_change')} (relative), final loss {of('lazy_loss', '.2e')}"
+    )
 
 
 def plot(small: list[dict], lazy: list[dict], out: str) -> str:
@@ -206,8 +221,9 @@ def parse_args(argv=None):
     parser.add_argument("--n", type=int, default=256, help="training examples (the NTK probe is all of them)")
     parser.add_argument("--dim", type=int, default=8, help="input dimension d")
     parser.add_argument("--width", type=int, default=64, help="hidden units")
-    parser.add_argument("--activation", choices=["linear", "relu", "tanh"], default="linear",
-                        help="hidden nonlinearity phi")
+    parser.add_argument(
+        "--activation", choices=["linear", "relu", "tanh"], default="linear", help="hidden nonlinearity phi"
+    )
     parser.add_argument("--teacher", choices=["linear", "relu"], default="linear", help="teacher of the targets")
     parser.add_argument("--init-scale", type=float, default=1e-3, help="std of the weights (small: rich regime)")
     parser.add_argument("--lr", type=float, default=0.05, help="gradient-descent lr")
@@ -222,10 +238,20 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    pairs = [(run(args.init_scale, args, "silent_alignment_small_init", seed),
-              run(None, args, "silent_alignment_standard_init", seed)) for seed in seed_list(args)]
-    report("silent_alignment", combine([criteria(small, lazy, args) for small, lazy in pairs]), numbers(pairs),
-           plot(*pairs[0], args.out), seed_list(args))
+    pairs = [
+        (
+            run(args.init_scale, args, "silent_alignment_small_init", seed),
+            run(None, args, "silent_alignment_standard_init", seed),
+        )
+        for seed in seed_list(args)
+    ]
+    report(
+        "silent_alignment",
+        combine([criteria(small, lazy, args) for small, lazy in pairs]),
+        numbers(pairs),
+        plot(*pairs[0], args.out),
+        seed_list(args),
+    )
 
 
 if __name__ == "__main__":

@@ -104,8 +104,13 @@ def train_one(lr, batch_size, data, steps, width, label_noise, measurements, see
     every_n_steps = max(1, steps // measurements)
     monitor = InvariantSetMonitor(every_n_steps=every_n_steps)
     history = History(monitor, data)
-    loader = DataLoader(TensorDataset(*data), batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        TensorDataset(*data),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     trainer = pl.Trainer(
         max_steps=steps, max_epochs=-1, accelerator="auto", devices=1, callbacks=[monitor, history],
         logger=make_logger(out, f"lr{lr:g}_batch{batch_size}_noise{label_noise:g}_seed{seed}", use_wandb),
@@ -119,8 +124,19 @@ def train_one(lr, batch_size, data, steps, width, label_noise, measurements, see
     return history.rows
 
 
-def run(lrs=(0.025, 0.05, 0.1), batch_sizes=(128, 32, 8), base_lr=0.05, base_batch=32, steps=4000, width=64,
-        label_noise=0.5, measurements=16, seed=0, out="outputs/stochastic_collapse", use_wandb=False):
+def run(
+    lrs=(0.025, 0.05, 0.1),
+    batch_sizes=(128, 32, 8),
+    base_lr=0.05,
+    base_batch=32,
+    steps=4000,
+    width=64,
+    label_noise=0.5,
+    measurements=16,
+    seed=0,
+    out="outputs/stochastic_collapse",
+    use_wandb=False,
+):
     """Runs every lr at ``base_batch`` and every batch size at ``base_lr``, each for time ``base_lr x steps``, and
     the largest lr at ``base_batch`` without label noise; returns {(lr, batch, label_noise): rows}."""
     data = teacher_data(seed=seed)
@@ -128,8 +144,9 @@ def run(lrs=(0.025, 0.05, 0.1), batch_sizes=(128, 32, 8), base_lr=0.05, base_bat
     configs.append((max(lrs), base_batch, 0.0))
     results = {}
     for lr, batch, noise in dict.fromkeys(configs):
-        results[(lr, batch, noise)] = train_one(lr, batch, data, round(steps * base_lr / lr), width, noise,
-                                                measurements, seed, out, use_wandb)
+        results[(lr, batch, noise)] = train_one(
+            lr, batch, data, round(steps * base_lr / lr), width, noise, measurements, seed, out, use_wandb
+        )
     return results
 
 
@@ -150,10 +167,12 @@ def criteria(results, lrs, batch_sizes, base_lr, base_batch, label_noise) -> lis
     by_batch = [final_fraction(results[(base_lr, b, label_noise)]) for b in batch_sizes]
     control = final_fraction(results[(max(lrs), base_batch, 0.0)])
     noisiest = final_fraction(results[(max(lrs), base_batch, label_noise)])
-    return [("at equal time lr x steps, the independent fraction falls as the lr grows", falls(by_lr)),
-            ("at equal lr, it falls as the batch shrinks", falls(by_batch)),
-            ("control without label noise (largest lr) keeps >= 0.95", control is not None and control >= 0.95),
-            ("the noisiest run (largest lr, base batch) collapses to <= 0.8", noisiest is not None and noisiest <= 0.8)]
+    return [
+        ("at equal time lr x steps, the independent fraction falls as the lr grows", falls(by_lr)),
+        ("at equal lr, it falls as the batch shrinks", falls(by_batch)),
+        ("control without label noise (largest lr) keeps >= 0.95", control is not None and control >= 0.95),
+        ("the noisiest run (largest lr, base batch) collapses to <= 0.8", noisiest is not None and noisiest <= 0.8),
+    ]
 
 
 def numbers(runs, lrs, batch_sizes, base_lr, base_batch, label_noise) -> str:
@@ -164,10 +183,12 @@ def numbers(runs, lrs, batch_sizes, base_lr, base_batch, label_noise) -> str:
     time = runs[0][(base_lr, base_batch, label_noise)][-1]["time"]
     by_lr = ", ".join(of((lr, base_batch, label_noise)) for lr in lrs)
     by_batch = ", ".join(of((base_lr, b, label_noise)) for b in batch_sizes)
-    return (f"independent fraction of the hidden neurons at time lr x steps = {time:g}: lr "
-            f"{'/'.join(f'{lr:g}' for lr in lrs)} at batch {base_batch}: {by_lr}; batch "
-            f"{'/'.join(str(b) for b in batch_sizes)} at lr {base_lr:g}: {by_batch}; no label noise at lr "
-            f"{max(lrs):g}: {of((max(lrs), base_batch, 0.0))}")
+    return (
+        f"independent fraction of the hidden neurons at time lr x steps = {time:g}: lr "
+        f"{'/'.join(f'{lr:g}' for lr in lrs)} at batch {base_batch}: {by_lr}; batch "
+        f"{'/'.join(str(b) for b in batch_sizes)} at lr {base_lr:g}: {by_batch}; no label noise at lr "
+        f"{max(lrs):g}: {of((max(lrs), base_batch, 0.0))}"
+    )
 
 
 def plot(results, lrs, batch_sizes, base_lr, base_batch, label_noise, out) -> str:
@@ -177,8 +198,12 @@ def plot(results, lrs, batch_sizes, base_lr, base_batch, label_noise, out) -> st
         rows = results[(lr, base_batch, label_noise)]
         axes[0].plot([r["time"] for r in rows], [r["independent_fraction"] for r in rows], label=f"lr {lr:g}")
     control = results[(max(lrs), base_batch, 0.0)]
-    axes[0].plot([r["time"] for r in control], [r["independent_fraction"] for r in control], "k--",
-                 label=f"lr {max(lrs):g}, no label noise")
+    axes[0].plot(
+        [r["time"] for r in control],
+        [r["independent_fraction"] for r in control],
+        "k--",
+        label=f"lr {max(lrs):g}, no label noise",
+    )
     for batch in batch_sizes:
         rows = results[(base_lr, batch, label_noise)]
         axes[1].plot([r["time"] for r in rows], [r["independent_fraction"] for r in rows], label=f"batch {batch}")
@@ -186,15 +211,21 @@ def plot(results, lrs, batch_sizes, base_lr, base_batch, label_noise, out) -> st
         fraction = final_fraction(rows)
         if fraction is not None and noise == label_noise:
             axes[2].scatter(lr / batch, fraction, color="k")
-            axes[2].annotate(f"{lr:g}/{batch}", (lr / batch, fraction), fontsize="x-small",
-                             textcoords="offset points", xytext=(3, 3))
+            axes[2].annotate(
+                f"{lr:g}/{batch}", (lr / batch, fraction), fontsize="x-small", textcoords="offset points", xytext=(3, 3)
+            )
     axes[0].set(title=f"learning rate (batch {base_batch})")
     axes[1].set(title=f"batch size (lr {base_lr:g})")
     for ax in axes[:2]:
         ax.set(xlabel="time lr x step", ylabel="independent fraction", ylim=(0, 1.05))
         ax.legend(fontsize="small")
-    axes[2].set(xscale="log", xlabel="noise scale lr / batch", ylabel="final independent fraction",
-                ylim=(0, 1.05), title="all label-noise runs")
+    axes[2].set(
+        xscale="log",
+        xlabel="noise scale lr / batch",
+        ylabel="final independent fraction",
+        ylim=(0, 1.05),
+        title="all label-noise runs",
+    )
     axes[2].xaxis.set_minor_formatter(plt.NullFormatter())
     figure.suptitle("stochastic collapse of a GELU student (label noise, SGD with momentum; first seed)")
     return save_figure(figure, out, "stochastic_collapse.png")
@@ -206,20 +237,40 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 32, 8], help="swept at --base-lr")
     parser.add_argument("--base-lr", type=float, default=0.05, help="lr of the batch sweep")
     parser.add_argument("--base-batch", type=int, default=32, help="batch of the lr sweep")
-    parser.add_argument("--steps", type=int, default=4000, help="steps at --base-lr; every run trains for time "
-                                                                  "base_lr x steps")
+    parser.add_argument(
+        "--steps", type=int, default=4000, help="steps at --base-lr; every run trains for time base_lr x steps"
+    )
     parser.add_argument("--width", type=int, default=64, help="student hidden neurons")
     parser.add_argument("--label-noise", type=float, default=0.5, help="std of the fresh label noise")
     parser.add_argument("--measurements", type=int, default=16, help="measurements per run")
     args = parser.parse_args(argv)
     if args.tiny:
         args.lrs, args.batch_sizes, args.base_lr, args.steps, args.measurements = [0.05, 0.2], [128, 32], 0.1, 800, 8
-    runs = [run(args.lrs, args.batch_sizes, args.base_lr, args.base_batch, args.steps, args.width, args.label_noise,
-                args.measurements, seed, args.out, args.wandb) for seed in seed_list(args)]
+    runs = [
+        run(
+            args.lrs,
+            args.batch_sizes,
+            args.base_lr,
+            args.base_batch,
+            args.steps,
+            args.width,
+            args.label_noise,
+            args.measurements,
+            seed,
+            args.out,
+            args.wandb,
+        )
+        for seed in seed_list(args)
+    ]
     keys = (args.lrs, args.batch_sizes, args.base_lr, args.base_batch, args.label_noise)
     figure = plot(runs[0], *keys, args.out)
-    report("stochastic_collapse", combine([criteria(results, *keys) for results in runs]), numbers(runs, *keys),
-           figure, seed_list(args))
+    report(
+        "stochastic_collapse",
+        combine([criteria(results, *keys) for results in runs]),
+        numbers(runs, *keys),
+        figure,
+        seed_list(args),
+    )
 
 
 if __name__ == "__main__":

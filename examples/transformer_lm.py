@@ -56,8 +56,18 @@ class TinyGPT2(pl.LightningModule):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=256, n_positions=length, bos_token_id=0,
-                            eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = GPT2Config(
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            vocab_size=256,
+            n_positions=length,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         self.lr, self.model = lr, GPT2LMHeadModel(config)
 
     def forward(self, input_ids):
@@ -97,8 +107,9 @@ class History(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         metrics = self.eos.last_metrics
         if self.eos.last_step == trainer.global_step and "eos/threshold" in metrics:
-            self.rows.append((trainer.global_step, float(outputs["loss"]), metrics["eos/sharpness"],
-                              metrics["eos/threshold"]))
+            self.rows.append(
+                (trainer.global_step, float(outputs["loss"]), metrics["eos/sharpness"], metrics["eos/threshold"])
+            )
         self.record_nc1(trainer)
 
     def record_nc1(self, trainer):
@@ -107,8 +118,14 @@ class History(pl.Callback):
             self.nc1.append((trainer.global_step, value))
 
 
-def run(lr: float = 1e-3, steps: int = 300, num_sequences: int = 128, length: int = 32, every_n_steps: int = 10,
-        seed: int = 0) -> History:
+def run(
+    lr: float = 1e-3,
+    steps: int = 300,
+    num_sequences: int = 128,
+    length: int = 32,
+    every_n_steps: int = 10,
+    seed: int = 0,
+) -> History:
     """Train full-batch; returns the history: rows (step, loss, preconditioned sharpness, threshold 38/lr) and
     (step, token-level NC1) at the start and every ``steps // 3`` steps."""
     pl.seed_everything(seed, verbose=False)
@@ -117,17 +134,24 @@ def run(lr: float = 1e-3, steps: int = 300, num_sequences: int = 128, length: in
     eos = EdgeOfStabilityMonitor(every_n_steps=every_n_steps, probe_data=probe)
     collapse = NeuralCollapseMonitor(num_classes=256, every_n_steps=steps // 3, probe_data=probe, measure_at_start=True)
     history = History(eos, collapse)
-    trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="auto", devices=1,
-                         callbacks=[eos, collapse, history],
-                         logger=False, enable_checkpointing=False, enable_model_summary=False,
-                         enable_progress_bar=False)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator="auto",
+        devices=1,
+        callbacks=[eos, collapse, history],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(TinyGPT2(lr, length), DataLoader(data, batch_size=num_sequences))
     return history
 
 
 def plateau(rows: list[tuple]) -> tuple[float, float]:
     """Median sharpness / threshold and median sharpness over the second half of the measurements."""
-    tail = rows[len(rows) // 2:]
+    tail = rows[len(rows) // 2 :]
     return statistics.median(s / t for _, _, s, t in tail), statistics.median(s for _, _, s, _ in tail)
 
 
@@ -140,18 +164,24 @@ def verdict(runs: dict[float, list[tuple]], nc1: list[tuple]) -> tuple[bool, lis
         median_ratio, _ = plateau(rows)
         ok_start, ok_plateau = first < 0.8, 0.8 <= median_ratio <= 1.25
         passed &= ok_start and ok_plateau
-        lines.append(f"lr {lr:g}: first measurement {first:.2f} x threshold (< 0.8: {ok_start}); second-half median "
-                     f"{median_ratio:.2f} x threshold 38/lr = {rows[0][3]:.4g} (in [0.8, 1.25]: {ok_plateau})")
+        lines.append(
+            f"lr {lr:g}: first measurement {first:.2f} x threshold (< 0.8: {ok_start}); second-half median "
+            f"{median_ratio:.2f} x threshold 38/lr = {rows[0][3]:.4g} (in [0.8, 1.25]: {ok_plateau})"
+        )
     (lr_a, rows_a), (lr_b, rows_b) = sorted(runs.items())[:2]
     scaling = (plateau(rows_a)[1] / plateau(rows_b)[1]) / (lr_b / lr_a)
     ok_scaling = 0.75 <= scaling <= 1.25
     passed &= ok_scaling
-    lines.append(f"plateau ratio between lr {lr_a:g} and {lr_b:g} is {scaling:.2f} x the 1/lr prediction "
-                 f"(in [0.75, 1.25]: {ok_scaling})")
+    lines.append(
+        f"plateau ratio between lr {lr_a:g} and {lr_b:g} is {scaling:.2f} x the 1/lr prediction "
+        f"(in [0.75, 1.25]: {ok_scaling})"
+    )
     ok_collapse = nc1[-1][1] < 0.5 * nc1[0][1]
     passed &= ok_collapse
-    lines.append(f"token-level NC1 went from {nc1[0][1]:.3g} (step 0) to {nc1[-1][1]:.3g} (step {nc1[-1][0]}) at lr "
-                 f"{lr_b:g} (below half: {ok_collapse})")
+    lines.append(
+        f"token-level NC1 went from {nc1[0][1]:.3g} (step 0) to {nc1[-1][1]:.3g} (step {nc1[-1][0]}) at lr "
+        f"{lr_b:g} (below half: {ok_collapse})"
+    )
     return passed, lines
 
 
@@ -193,8 +223,9 @@ def main(argv=None):
         args.steps, args.num_sequences, args.lrs = 200, 64, [2e-3, 1e-3]
     results = []
     for seed in range(args.seed, args.seed + args.seeds):
-        histories = {lr: run(lr, args.steps, args.num_sequences, args.length, args.every_n_steps, seed)
-                     for lr in args.lrs}
+        histories = {
+            lr: run(lr, args.steps, args.num_sequences, args.length, args.every_n_steps, seed) for lr in args.lrs
+        }
         runs = {lr: history.rows for lr, history in histories.items()}
         nc1 = histories[max(args.lrs)].nc1
         passed, lines = verdict(runs, nc1)

@@ -58,8 +58,9 @@ def check_matrix(name: str, value: Any) -> Any:
     return value
 
 
-def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf, *, open_low: bool = False,
-                 open_high: bool = False) -> None:
+def check_number(
+    name: str, value: Any, low: float = 0.0, high: float = math.inf, *, open_low: bool = False, open_high: bool = False
+) -> None:
     """Raise unless ``value`` is a finite real number (or one-element tensor) in the interval from ``low`` to ``high``.
 
     The ends are closed unless ``open_low`` / ``open_high``. Bools and strings are refused.

@@ -12,8 +12,10 @@ from torch import Tensor, nn
 
 
 def is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
-        torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and (torch.distributed.get_world_size() > 1)
     )
 
 

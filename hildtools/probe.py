@@ -71,7 +71,11 @@ def preserved_rng(device: torch.device | None = None, generators: Iterable[torch
 
 def dataloader_generators(loader: Any) -> list[torch.Generator]:
     """The private generators a DataLoader (its sampler, its batch sampler's sampler) draws shuffles from."""
-    owners = [loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    owners = [
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ]
     found = []
     for owner in owners:
         g = getattr(owner, "generator", None)

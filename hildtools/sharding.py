@@ -107,7 +107,9 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return tensor.detach()
 
 
-def redirected_loss(module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]) -> Callable[[nn.Module, Any], Tensor]:
+def redirected_loss(
+    module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor]
+) -> Callable[[nn.Module, Any], Tensor]:
     """``loss(root, batch)``: ``loss_fn(module, batch)`` run as the forward of ``root``, the FSDP1 wrapper around
     ``module``, so that the wrapper gathers its own parameters around it (as Lightning runs ``training_step``)."""
 

@@ -20,8 +20,14 @@ def free_port() -> int:
 
 def _worker(rank, world_size, port, fn, args, out_dir):
     # The variables also tell Lightning the processes are launched externally (it then joins this process group).
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      NODE_RANK="0", WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
@@ -37,8 +43,13 @@ def run_ranks(fn, *args, world_size: int = 2, timeout: float = 300) -> list:
     A hang (a collective some rank never joins) fails after ``timeout`` seconds instead of blocking the suite.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
-                                     join=False, start_method="fork")
+        context = mp.start_processes(
+            _worker,
+            args=(world_size, free_port(), fn, args, out_dir),
+            nprocs=world_size,
+            join=False,
+            start_method="fork",
+        )
         deadline = time.monotonic() + timeout
         while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
             if time.monotonic() > deadline:

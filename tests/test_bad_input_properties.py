@@ -52,8 +52,26 @@ unit_open_invalid = st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0)
 beta_invalid = st.one_of(st.floats(max_value=-1e-9), st.floats(min_value=1.0), non_finite)
 negative_float = st.one_of(st.floats(max_value=-1e-9, allow_infinity=False), st.just(math.nan))
 enum_invalid = st.one_of(st.text(max_size=6).filter(lambda t: t not in VALID_ENUMS), st.integers(), st.none())
-VALID_ENUMS = {"eval", "train", "sum", "mean", "index", "projection", "full", "autograd", "func", "pyhessian",
-               "hutch++", "hutchinson", "row", "column", "input", "output", "avg", "flatten"}
+VALID_ENUMS = {
+    "eval",
+    "train",
+    "sum",
+    "mean",
+    "index",
+    "projection",
+    "full",
+    "autograd",
+    "func",
+    "pyhessian",
+    "hutch++",
+    "hutchinson",
+    "row",
+    "column",
+    "input",
+    "output",
+    "avg",
+    "flatten",
+}
 MONITORS = {
     "HessianEigenMonitor": HessianEigenMonitor,
     "EdgeOfStabilityMonitor": EdgeOfStabilityMonitor,
@@ -87,8 +105,11 @@ CASES = [
     (HessianEigenMonitor, "probe_size", positive_int_invalid()),
     (HessianEigenMonitor, "trace_samples", positive_int_invalid(3)),
     (HessianEigenMonitor, "bn_mode", enum_invalid),
-    (EdgeOfStabilityMonitor, "edge_ratio", st.one_of(st.floats(max_value=0.0), st.floats(min_value=2.0001),
-                                                     non_finite, not_numbers)),
+    (
+        EdgeOfStabilityMonitor,
+        "edge_ratio",
+        st.one_of(st.floats(max_value=0.0), st.floats(min_value=2.0001), non_finite, not_numbers),
+    ),
     (EdgeOfStabilityMonitor, "optimizer_index", st.one_of(st.integers(max_value=-1), not_numbers, bools)),
     (EdgeOfStabilityMonitor, "max_iter", positive_int_invalid()),
     (lambda **kw: NeuralCollapseMonitor(**({"num_classes": 3} | kw)), "num_classes", positive_int_invalid(2)),
@@ -105,8 +126,11 @@ CASES = [
     (lambda **kw: NGN(MODEL.parameters(), **kw), "lr", negative_float),
     (lambda **kw: NGN(MODEL.parameters(), **kw), "momentum", beta_invalid),
     (lambda **kw: SAM(MODEL.parameters(), torch.optim.SGD, lr=0.1, **kw), "rho", negative_float),
-    (lambda **kw: MomentumScaling(torch.optim.SGD(MODEL.parameters(), lr=0.1, momentum=0.9), **kw), "C",
-     st.one_of(st.floats(max_value=0.0), non_finite)),
+    (
+        lambda **kw: MomentumScaling(torch.optim.SGD(MODEL.parameters(), lr=0.1, momentum=0.9), **kw),
+        "C",
+        st.one_of(st.floats(max_value=0.0), non_finite),
+    ),
     (lambda **kw: hessian_eigenpairs(MODEL, loss_fn, BATCH, **kw), "k", positive_int_invalid()),
     (lambda **kw: hessian_eigenpairs(MODEL, loss_fn, BATCH, **kw), "tol", positive_float_invalid),
     (lambda **kw: hessian_eigenpairs(MODEL, loss_fn, BATCH, **kw), "backend", enum_invalid),
@@ -115,13 +139,22 @@ CASES = [
     (lambda **kw: spectral_density(MODEL, loss_fn, BATCH, **kw), "num_steps", positive_int_invalid()),
     (lambda **kw: feature_rank(torch.randn(10, 5), **kw), "threshold", unit_open_invalid),
     (lambda **kw: feature_rank(torch.randn(10, 5), **kw), "center", enum_invalid.filter(lambda v: v is not None)),
-    (lambda **kw: neural_collapse(torch.randn(9, 4), torch.arange(9) % 3, **({"num_classes": 3} | kw)),
-     "num_classes", positive_int_invalid(2)),
-    (lambda **kw: invariant_sets(MODEL, **kw), "identical_threshold",
-     st.one_of(st.floats(max_value=0.0), non_finite, not_numbers)),
+    (
+        lambda **kw: neural_collapse(torch.randn(9, 4), torch.arange(9) % 3, **({"num_classes": 3} | kw)),
+        "num_classes",
+        positive_int_invalid(2),
+    ),
+    (
+        lambda **kw: invariant_sets(MODEL, **kw),
+        "identical_threshold",
+        st.one_of(st.floats(max_value=0.0), non_finite, not_numbers),
+    ),
     (lambda **kw: empirical_ntk(MODEL, BATCH[0], **kw), "output", enum_invalid),
-    (lambda **kw: empirical_ntk(MODEL, BATCH[0], **kw), "chunk_size",
-     positive_int_invalid().filter(lambda v: v is not None)),  # None: the default chunk
+    (
+        lambda **kw: empirical_ntk(MODEL, BATCH[0], **kw),
+        "chunk_size",
+        positive_int_invalid().filter(lambda v: v is not None),
+    ),  # None: the default chunk
     # every monitor: the schedule, the probe, the shared feature-monitor arguments
     *[(MONITORS[m], "every_n_steps", schedule_invalid) for m in MONITORS],
     *[(MONITORS[m], "every_n_epochs", schedule_invalid) for m in MONITORS],
@@ -143,13 +176,22 @@ CASES = [
     (FeatureRank, "threshold", unit_open_invalid),
     (FeatureRank, "center", enum_invalid.filter(lambda v: v is not None)),
     (FeatureRank, "num_features", optional_int_invalid),
-    (lambda **kw: NeuralCollapse(**({"num_classes": 3, "num_features": 4} | kw)), "num_classes",
-     positive_int_invalid(2)),
-    (lambda **kw: NeuralCollapse(**({"num_classes": 3, "num_features": 4} | kw)), "num_features",
-     positive_int_invalid()),
+    (
+        lambda **kw: NeuralCollapse(**({"num_classes": 3, "num_features": 4} | kw)),
+        "num_classes",
+        positive_int_invalid(2),
+    ),
+    (
+        lambda **kw: NeuralCollapse(**({"num_classes": 3, "num_features": 4} | kw)),
+        "num_features",
+        positive_int_invalid(),
+    ),
     (lambda **kw: NeuralCollapse(**({"num_classes": 3, "num_features": 4} | kw)), "rtol", unit_open_invalid),
-    (lambda **kw: NeuralCollapse(**({"num_classes": 3, "num_features": 4} | kw)), "classifier_weight",
-     st.one_of(not_numbers.filter(lambda v: v is not None), st.integers(1, 5).map(lambda n: torch.zeros(n, 5)))),
+    (
+        lambda **kw: NeuralCollapse(**({"num_classes": 3, "num_features": 4} | kw)),
+        "classifier_weight",
+        st.one_of(not_numbers.filter(lambda v: v is not None), st.integers(1, 5).map(lambda n: torch.zeros(n, 5))),
+    ),
     (lambda **kw: FeatureCapture(MODEL, **kw), "capture", enum_invalid),
     (lambda **kw: FeatureCapture(MODEL, **kw), "pool", enum_invalid),
     (lambda **kw: FeatureCapture(MODEL, **kw), "projection_dim", optional_int_invalid),

@@ -45,8 +45,15 @@ def data(n=64, seed=0):
 
 
 def fit(module, callbacks, steps=8, **kwargs):
-    trainer = pl.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
     trainer.fit(module, DataLoader(data(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1)))
     return trainer
 
@@ -68,7 +75,7 @@ def dense_eigenvalues(module, batch, bn_train=False):
     def loss(theta):
         params, i = {}, 0
         for name, shape in zip(names, shapes):
-            params[name] = theta[i:i + math.prod(shape)].view(shape)
+            params[name] = theta[i : i + math.prod(shape)].view(shape)
             i += math.prod(shape)
         return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
 
@@ -93,8 +100,10 @@ def test_monitors_leave_training_bitwise_identical():
     plain = Regression(bn=True)
     fit(plain, [], steps=10)
     probed = Regression(bn=True)
-    monitors = [HessianEigenMonitor(k=2, every_n_steps=3, probe_size=32, trace=True),
-                EdgeOfStabilityMonitor(every_n_steps=2, probe_size=32)]
+    monitors = [
+        HessianEigenMonitor(k=2, every_n_steps=3, probe_size=32, trace=True),
+        EdgeOfStabilityMonitor(every_n_steps=2, probe_size=32),
+    ]
     fit(probed, monitors, steps=10)
     for a, b in zip(plain.state_dict().values(), probed.state_dict().values()):
         assert torch.equal(a, b)
@@ -135,8 +144,10 @@ def test_resume_state_round_trips_with_weights_only(tmp_path):
 
 
 def test_two_hessian_monitors_with_different_k_checkpoint_separately(tmp_path):
-    monitors = [HessianEigenMonitor(k=1, every_n_steps=4, probe_size=16),
-                HessianEigenMonitor(k=2, every_n_steps=4, probe_size=16)]
+    monitors = [
+        HessianEigenMonitor(k=1, every_n_steps=4, probe_size=16),
+        HessianEigenMonitor(k=2, every_n_steps=4, probe_size=16),
+    ]
     trainer = fit(Regression(), monitors, steps=4)
     path = tmp_path / "two.ckpt"
     trainer.save_checkpoint(path)
@@ -219,8 +230,10 @@ def test_model_without_double_backward_fails_at_fit_start_with_hvp_autograd():
 
 def test_model_without_double_backward_switches_to_finite_differences():
     """hvp="auto": one warning at fit start, then the values of the same model without the fused op."""
-    fused, plain = HessianEigenMonitor(k=2, every_n_steps=2, probe_size=16), HessianEigenMonitor(
-        k=2, every_n_steps=2, probe_size=16)
+    fused, plain = (
+        HessianEigenMonitor(k=2, every_n_steps=2, probe_size=16),
+        HessianEigenMonitor(k=2, every_n_steps=2, probe_size=16),
+    )
     with pytest.warns(UserWarning, match="double backward fails.*using finite differences"):
         fit(Fused(), [fused], steps=2)
     fit(Regression(), [plain], steps=2)
@@ -239,9 +252,16 @@ def test_deepspeed_is_refused_in_setup(monitor):
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"k": 0}, "k"), ({"tol": 0}, "tol"), ({"tol": -1e-3}, "tol"), ({"every_n_steps": 0}, "every_n_steps"),
-     ({"max_iter": 1, "k": 3}, "max_iter"), ({"trace_samples": 1}, "trace_samples"), ({"bn_mode": "x"}, "bn_mode"),
-     ({"probe_size": 0}, "probe_size")],
+    [
+        ({"k": 0}, "k"),
+        ({"tol": 0}, "tol"),
+        ({"tol": -1e-3}, "tol"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"max_iter": 1, "k": 3}, "max_iter"),
+        ({"trace_samples": 1}, "trace_samples"),
+        ({"bn_mode": "x"}, "bn_mode"),
+        ({"probe_size": 0}, "probe_size"),
+    ],
 )
 def test_hessian_monitor_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -250,8 +270,13 @@ def test_hessian_monitor_bad_arguments(kwargs, name):
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"edge_ratio": 0}, "edge_ratio"), ({"edge_ratio": 3}, "edge_ratio"), ({"optimizer_index": -1}, "optimizer_index"),
-     ({"tol": float("nan")}, "tol"), ({"max_iter": 0}, "max_iter")],
+    [
+        ({"edge_ratio": 0}, "edge_ratio"),
+        ({"edge_ratio": 3}, "edge_ratio"),
+        ({"optimizer_index": -1}, "optimizer_index"),
+        ({"tol": float("nan")}, "tol"),
+        ({"max_iter": 0}, "max_iter"),
+    ],
 )
 def test_eos_monitor_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -262,16 +287,23 @@ def test_eos_monitor_bad_arguments(kwargs, name):
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_monitors_on_cuda(precision):
     module = Regression(bn=True)
-    monitors = [HessianEigenMonitor(k=2, every_n_steps=4, probe_size=32, tol=1e-5),
-                EdgeOfStabilityMonitor(every_n_steps=4, probe_size=32)]
+    monitors = [
+        HessianEigenMonitor(k=2, every_n_steps=4, probe_size=32, tol=1e-5),
+        EdgeOfStabilityMonitor(every_n_steps=4, probe_size=32),
+    ]
     fit(module, monitors, steps=8, accelerator="gpu", devices=1, precision=precision)
     exact = dense_eigenvalues(module.cpu(), [t.cpu() for t in monitors[0].probe.batch], bn_train=True)
     assert monitors[0].last_metrics["hessian/eig_0"] == pytest.approx(float(exact[0]), rel=1e-3)
     assert math.isfinite(monitors[1].last_metrics["eos/sharpness"])
 
 
-@pytest.mark.parametrize("make", [lambda: HessianEigenMonitor(k=1, every_n_epochs=1, probe_size=16),
-                                  lambda: EdgeOfStabilityMonitor(every_n_epochs=1, probe_size=16)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: HessianEigenMonitor(k=1, every_n_epochs=1, probe_size=16),
+        lambda: EdgeOfStabilityMonitor(every_n_epochs=1, probe_size=16),
+    ],
+)
 def test_every_n_epochs_alone_measures_at_epoch_ends(make):
     monitor = make()
     assert (monitor.every_n_steps, monitor.every_n_epochs) == (None, 1)
@@ -291,8 +323,9 @@ def test_eos_param_groups_that_differ_raise_instead_of_a_wrong_warning():
     class TwoGroups(Regression):
         def configure_optimizers(self):
             first, second = self.net[0], self.net[-1]
-            return torch.optim.SGD([{"params": first.parameters()}, {"params": second.parameters(), "lr": 0.01}],
-                                   lr=self.lr)
+            return torch.optim.SGD(
+                [{"params": first.parameters()}, {"params": second.parameters(), "lr": 0.01}], lr=self.lr
+            )
 
     with pytest.raises(ValueError, match="param_group"):
         fit(TwoGroups(), [EdgeOfStabilityMonitor(every_n_steps=2, probe_size=16)], steps=2)

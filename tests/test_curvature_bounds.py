@@ -28,8 +28,9 @@ from hildtools.curvature.lanczos import lanczos
 def test_fp32_products_reach_1e6_against_the_fp64_dense_hessian():
     model, batch = mlp(), classification_batch("mlp", n=128)
     exact = torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batch)).flip(0)[:3]
-    result = hessian_eigenpairs(mlp(torch.float32), cross_entropy, (batch[0].float(), batch[1]), k=3, tol=1e-7,
-                                max_iter=200)
+    result = hessian_eigenpairs(
+        mlp(torch.float32), cross_entropy, (batch[0].float(), batch[1]), k=3, tol=1e-7, max_iter=200
+    )
     assert result.eigenvectors.dtype == torch.float32  # the products stayed in the model's dtype
     assert torch.all((result.eigenvalues - exact).abs() <= 1e-6 * exact.abs())
     assert torch.all((result.eigenvalues - exact).abs() <= result.error_bounds)
@@ -82,7 +83,7 @@ def dense_top_eigenvalue(model, loss_fn, batch):
     def loss(theta):
         tensors, start = {}, 0
         for name, shape in zip(names, shapes):
-            tensors[name] = theta[start:start + math.prod(shape)].view(shape)
+            tensors[name] = theta[start : start + math.prod(shape)].view(shape)
             start += math.prod(shape)
         return loss_fn(lambda x: functional_call(model64, tensors, (x,)), batch)
 
@@ -154,8 +155,14 @@ def test_eos_monitor_defaults_meet_the_documented_accuracy_on_every_measurement(
     one included, and the logged ``eos/sharpness_err`` bounds the true error."""
     module = FullBatchGD()
     monitor = CheckedEdgeOfStabilityMonitor(every_n_steps=EOS_EVERY, probe_size=len(module.batch[0]))
-    trainer = pl.Trainer(max_steps=EOS_STEPS, callbacks=[monitor], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=EOS_STEPS,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module)
     assert len(monitor.records) == EOS_STEPS // EOS_EVERY
     for truth, metrics in monitor.records:

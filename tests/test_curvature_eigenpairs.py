@@ -241,9 +241,18 @@ def test_non_finite_loss():
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"k": 0}, "k"), ({"k": 1.5}, "k"), ({"tol": 0.0}, "tol"), ({"tol": -1e-3}, "tol"), ({"tol": float("nan")}, "tol"),
-     ({"backend": "power"}, "backend"), ({"k": 3, "max_iter": 2}, "max_iter"), ({"k": 10**6}, "k"),
-     ({"init": torch.ones(7)}, "init"), ({"backend": "pyhessian", "smallest": True}, "smallest")],
+    [
+        ({"k": 0}, "k"),
+        ({"k": 1.5}, "k"),
+        ({"tol": 0.0}, "tol"),
+        ({"tol": -1e-3}, "tol"),
+        ({"tol": float("nan")}, "tol"),
+        ({"backend": "power"}, "backend"),
+        ({"k": 3, "max_iter": 2}, "max_iter"),
+        ({"k": 10**6}, "k"),
+        ({"init": torch.ones(7)}, "init"),
+        ({"backend": "pyhessian", "smallest": True}, "smallest"),
+    ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):

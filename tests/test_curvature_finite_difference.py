@@ -68,10 +68,15 @@ def test_float64_products_are_accurate_to_1e_8():
 
 
 def test_error_estimate_is_small_when_smooth_and_large_across_max_pool_kinks():
-    smooth = HessianOperator(mlp(torch.float32), cross_entropy, classification_batch("mlp", dtype=torch.float32),
-                             hvp="finite_difference")
-    kinked = HessianOperator(MODELS["cnn"](torch.float32), cross_entropy,
-                             classification_batch("cnn", dtype=torch.float32), hvp="finite_difference")
+    smooth = HessianOperator(
+        mlp(torch.float32), cross_entropy, classification_batch("mlp", dtype=torch.float32), hvp="finite_difference"
+    )
+    kinked = HessianOperator(
+        MODELS["cnn"](torch.float32),
+        cross_entropy,
+        classification_batch("cnn", dtype=torch.float32),
+        hvp="finite_difference",
+    )
     for operator in (smooth, kinked):
         operator.matvec(torch.randn(operator.size, generator=torch.Generator().manual_seed(0)))
     assert smooth.last_error < 1e-3
@@ -81,7 +86,7 @@ def test_error_estimate_is_small_when_smooth_and_large_across_max_pool_kinks():
 def test_step_formula():
     """h = 0.1 u^(1/5) ||theta|| / ||v|| extrapolated, 0.1 u^(1/3) ||theta|| / ||v|| plain; ||theta|| = 0 -> 1."""
     u = torch.finfo(torch.float32).eps
-    assert finite_difference_step(torch.float32, 4.0, 2.0) == pytest.approx(0.1 * u ** 0.2 * 2.0)
+    assert finite_difference_step(torch.float32, 4.0, 2.0) == pytest.approx(0.1 * u**0.2 * 2.0)
     assert finite_difference_step(torch.float32, 4.0, 2.0, extrapolate=False) == pytest.approx(0.1 * u ** (1 / 3) * 2)
     assert finite_difference_step(torch.float64, 0.0, 1.0) == pytest.approx(0.1 * torch.finfo(torch.float64).eps ** 0.2)
 
@@ -159,8 +164,9 @@ def test_once_differentiable_activation_is_detected():
     with pytest.warns(UserWarning, match="using finite differences"):
         operator = HessianOperator(FusedActivationMLP(model), cross_entropy, batch)
     assert operator.hvp == "finite_difference"
-    values = hessian_eigenpairs(FusedActivationMLP(model), cross_entropy, batch, k=2, tol=1e-6,
-                                hvp="finite_difference").eigenvalues
+    values = hessian_eigenpairs(
+        FusedActivationMLP(model), cross_entropy, batch, k=2, tol=1e-6, hvp="finite_difference"
+    ).eigenvalues
     assert torch.allclose(values, exact[:2], rtol=1e-4)
 
 
@@ -215,8 +221,9 @@ def test_fused_attention_kernel_gives_the_math_kernel_curvature():
         exact = hessian_eigenpairs(model, cross_entropy, batch, k=2, tol=1e-6, hvp="autograd").eigenvalues
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         with pytest.raises(RuntimeError, match="derivative for"):
-            HessianOperator(model, cross_entropy, batch, hvp="autograd").matvec(torch.ones(sum(
-                p.numel() for p in model.parameters())))
+            HessianOperator(model, cross_entropy, batch, hvp="autograd").matvec(
+                torch.ones(sum(p.numel() for p in model.parameters()))
+            )
         with pytest.warns(UserWarning, match="double backward fails"):
             fused = hessian_eigenpairs(model, cross_entropy, batch, k=2, tol=1e-6).eigenvalues
     assert torch.allclose(fused, exact, rtol=1e-4)
@@ -251,15 +258,22 @@ def test_monitor_keeps_the_fused_kernel_with_finite_differences():
     eigenvalues, kernels = {}, {}
     for hvp in ("finite_difference", "autograd"):
         module = AttentionModule()
-        monitor = HessianEigenMonitor(k=2, every_n_steps=2, tol=1e-6, probe_data=(x, y), hvp=hvp,
-                                      measure_at_start=False)
-        pl.Trainer(max_steps=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False).fit(
-            module, DataLoader(TensorDataset(x, y), batch_size=8))
+        monitor = HessianEigenMonitor(
+            k=2, every_n_steps=2, tol=1e-6, probe_data=(x, y), hvp=hvp, measure_at_start=False
+        )
+        pl.Trainer(
+            max_steps=2,
+            callbacks=[monitor],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(module, DataLoader(TensorDataset(x, y), batch_size=8))
         eigenvalues[hvp] = [monitor.last_metrics[f"hessian/eig_{i}"] for i in range(2)]
         kernels[hvp] = {"Flash" in name for name in module.model.kernels}
-    assert torch.allclose(torch.tensor(eigenvalues["finite_difference"]), torch.tensor(eigenvalues["autograd"]),
-                          rtol=1e-4)
+    assert torch.allclose(
+        torch.tensor(eigenvalues["finite_difference"]), torch.tensor(eigenvalues["autograd"]), rtol=1e-4
+    )
     assert kernels == {"finite_difference": {True}, "autograd": {True, False}}  # the probe's forwards: math
 
 
@@ -302,12 +316,21 @@ def test_monitors_with_finite_differences_leave_training_bitwise_identical(optim
     states = []
     for with_monitors in (False, True):
         module = BatchNormModule(optimizer)
-        monitors = [HessianEigenMonitor(k=2, every_n_steps=2, probe_size=32, hvp="finite_difference", trace=True),
-                    EdgeOfStabilityMonitor(every_n_steps=2, probe_size=32, hvp="finite_difference")]
-        pl.Trainer(max_steps=6, callbacks=monitors if with_monitors else [], logger=False,
-                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(
-            module, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True,
-                               generator=torch.Generator().manual_seed(1)))
+        monitors = [
+            HessianEigenMonitor(k=2, every_n_steps=2, probe_size=32, hvp="finite_difference", trace=True),
+            EdgeOfStabilityMonitor(every_n_steps=2, probe_size=32, hvp="finite_difference"),
+        ]
+        pl.Trainer(
+            max_steps=6,
+            callbacks=monitors if with_monitors else [],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(
+            module,
+            DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1)),
+        )
         states.append(module.state_dict())
         if with_monitors:
             assert all(m.last_metrics and m.method == "finite_difference" for m in monitors)

@@ -126,8 +126,13 @@ def test_non_finite_loss_raises_a_dedicated_error(bad, backend):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"backend": "fd"}, "backend"), ({"params": []}, "params"), ({"params": [nn.Parameter(torch.ones(2))]}, "params"),
-     ({"preconditioner": torch.ones(3)}, "preconditioner"), ({"dtype": torch.int64}, "dtype")],
+    [
+        ({"backend": "fd"}, "backend"),
+        ({"params": []}, "params"),
+        ({"params": [nn.Parameter(torch.ones(2))]}, "params"),
+        ({"preconditioner": torch.ones(3)}, "preconditioner"),
+        ({"dtype": torch.int64}, "dtype"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -151,8 +156,10 @@ class DropoutBN(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize("backend, hvp", [("autograd", "autograd"), ("func", "autograd"),
-                                          ("autograd", "finite_difference"), ("autograd", "auto")])
+@pytest.mark.parametrize(
+    "backend, hvp",
+    [("autograd", "autograd"), ("func", "autograd"), ("autograd", "finite_difference"), ("autograd", "auto")],
+)
 def test_no_side_effects(backend, hvp):
     """Parameters, .grad, buffers (BatchNorm statistics), modes and the global RNG are bitwise unchanged."""
     torch.manual_seed(0)
@@ -191,8 +198,9 @@ def test_ddp_wrapper_is_removed():
     model, batch = mlp(), classification_batch("mlp")
     wrapped = nn.DataParallel(model)
     v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    assert torch.equal(HessianOperator(wrapped, cross_entropy, batch).matvec(v),
-                       HessianOperator(model, cross_entropy, batch).matvec(v))
+    assert torch.equal(
+        HessianOperator(wrapped, cross_entropy, batch).matvec(v), HessianOperator(model, cross_entropy, batch).matvec(v)
+    )
 
 
 def _distributed_product(rank, world_size):

@@ -27,10 +27,19 @@ def mlp(dtype=torch.float64, seed=0):
 
 def cnn(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.Tanh(), nn.Flatten(),
-        nn.Linear(16, 3),
-    ).double().to(dtype)
+    return (
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.Tanh(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 3),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(16, 3),
+        )
+        .double()
+        .to(dtype)
+    )
 
 
 def bn_mlp(dtype=torch.float64, seed=0, train=True):
@@ -70,7 +79,7 @@ def dense_hessian(model, loss_fn, batch, params=None):
     def loss(theta):
         tensors, start = {}, 0
         for p, shape in zip(params, shapes):
-            tensors[names[id(p)]] = theta[start:start + math.prod(shape)].view(shape)
+            tensors[names[id(p)]] = theta[start : start + math.prod(shape)].view(shape)
             start += math.prod(shape)
         tensors.update({n: b.clone() for n, b in buffers.items()})
         return loss_fn(lambda x: functional_call(model, tensors, (x,)), batch)

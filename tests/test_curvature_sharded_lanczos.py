@@ -18,13 +18,13 @@ def lanczos_on_rank(rank, world_size):
     matrix, _ = clustered_operator(0)
     matrix = matrix.float()
     start = sum(SIZES[:rank])
-    rows = matrix[start:start + SIZES[rank]]
+    rows = matrix[start : start + SIZES[rank]]
     dtypes = set()
 
     def matvec(local):  # fp32 products: the local rows times the whole vector (gathered here, only for the test)
         assert local.dtype == torch.float32
         whole = torch.zeros(sum(SIZES), dtype=local.dtype)
-        whole[start:start + SIZES[rank]] = local
+        whole[start : start + SIZES[rank]] = local
         dist.all_reduce(whole)
         return rows @ whole
 
@@ -33,10 +33,21 @@ def lanczos_on_rank(rank, world_size):
         return sharded_inner(a, b)
 
     cold = lanczos(matvec, SIZES[rank], k=3, tol=1e-6, max_iter=300, dtype=torch.float32, inner=inner)
-    warm = lanczos(matvec, SIZES[rank], k=3, tol=1e-6, max_iter=300, dtype=torch.float32, inner=inner,
-                   init=cold.eigenvectors, seed=1)
-    return [(r.eigenvalues, r.residuals, r.error_bounds, r.bound_kinds, r.num_hvp, r.converged, r.eigenvectors)
-            for r in (cold, warm)], dtypes
+    warm = lanczos(
+        matvec,
+        SIZES[rank],
+        k=3,
+        tol=1e-6,
+        max_iter=300,
+        dtype=torch.float32,
+        inner=inner,
+        init=cold.eigenvectors,
+        seed=1,
+    )
+    return [
+        (r.eigenvalues, r.residuals, r.error_bounds, r.bound_kinds, r.num_hvp, r.converged, r.eigenvectors)
+        for r in (cold, warm)
+    ], dtypes
 
 
 def test_sharded_lanczos_in_float64_agrees_across_ranks_and_with_the_spectrum():

@@ -100,8 +100,12 @@ def test_adam_update_is_minus_lr_p_inverse_times_the_first_moment(kind, settings
 
 @pytest.mark.parametrize(
     "settings, factor",
-    [({}, 2.0), ({"momentum": 0.9}, 3.8), ({"momentum": 0.9, "dampening": 0.5}, 7.6),
-     ({"momentum": 0.9, "nesterov": True}, 3.8 / 2.8)],
+    [
+        ({}, 2.0),
+        ({"momentum": 0.9}, 3.8),
+        ({"momentum": 0.9, "dampening": 0.5}, 7.6),
+        ({"momentum": 0.9, "nesterov": True}, 3.8 / 2.8),
+    ],
 )
 def test_sgd_threshold_table(settings, factor):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5, **settings)
@@ -192,7 +196,9 @@ def test_unknown_optimizer_error_is_a_value_error_of_its_own_type():
 
 
 def test_thresholds_import_no_optimizer_package():
-    code = ("import sys, hildtools.curvature.thresholds, hildtools.callbacks.edge_of_stability; "
-            "print(sorted(m for m in sys.modules if m.startswith('hildtools.optimizers')))")
+    code = (
+        "import sys, hildtools.curvature.thresholds, hildtools.callbacks.edge_of_stability; "
+        "print(sorted(m for m in sys.modules if m.startswith('hildtools.optimizers')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -35,8 +35,10 @@ def test_hutchplusplus_has_lower_variance_and_calibrated_standard_errors():
     exact = torch.trace(matrix).item()
     spread = {}
     for method in ("hutchinson", "hutch++"):
-        results = [operator_trace(lambda v: matrix @ v, 300, num_samples=30, method=method, seed=seed,
-                                  dtype=torch.float64) for seed in range(40)]
+        results = [
+            operator_trace(lambda v: matrix @ v, 300, num_samples=30, method=method, seed=seed, dtype=torch.float64)
+            for seed in range(40)
+        ]
         estimates = torch.tensor([r.estimate for r in results])
         errors = torch.tensor([r.standard_error for r in results])
         spread[method] = estimates.std().item()
@@ -90,8 +92,9 @@ def test_slq_on_an_exhausted_krylov_space_and_the_smoothed_density():
     density = lanczos_quadrature(lambda v: matrix @ v, 40, num_probes=2, num_steps=30, dtype=torch.float64)
     assert density.num_hvp < 2 * 30
     support = density.nodes[density.weights > 1e-12]
-    assert torch.all((support[:, None] - torch.tensor([4.0, -2.0, 0.0], dtype=torch.float64)).abs().min(1).values
-                     < 1e-8)
+    assert torch.all(
+        (support[:, None] - torch.tensor([4.0, -2.0, 0.0], dtype=torch.float64)).abs().min(1).values < 1e-8
+    )
     grid, values = density.smooth(num_points=4001)
     assert torch.trapezoid(values, grid).item() == pytest.approx(1.0, abs=1e-6)
     assert torch.trapezoid(values * grid, grid).item() == pytest.approx(density.moment(1), abs=1e-6)
@@ -101,10 +104,14 @@ def test_slq_on_an_exhausted_krylov_space_and_the_smoothed_density():
 
 @pytest.mark.parametrize(
     "function, kwargs, name",
-    [(hessian_trace, {"num_samples": 2}, "num_samples"), (hessian_trace, {"method": "exact"}, "method"),
-     (hessian_trace, {"method": "hutchinson", "num_samples": 1}, "num_samples"),
-     (hessian_trace, {"backend": "fd"}, "backend"),
-     (spectral_density, {"num_probes": 0}, "num_probes"), (spectral_density, {"num_steps": 0}, "num_steps")],
+    [
+        (hessian_trace, {"num_samples": 2}, "num_samples"),
+        (hessian_trace, {"method": "exact"}, "method"),
+        (hessian_trace, {"method": "hutchinson", "num_samples": 1}, "num_samples"),
+        (hessian_trace, {"backend": "fd"}, "backend"),
+        (spectral_density, {"num_probes": 0}, "num_probes"),
+        (spectral_density, {"num_steps": 0}, "num_steps"),
+    ],
 )
 def test_bad_arguments(function, kwargs, name):
     with pytest.raises(ValueError, match=name):

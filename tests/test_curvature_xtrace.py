@@ -36,14 +36,20 @@ def test_xtrace_on_network_hessians_against_the_dense_trace(name):
 def test_xtrace_beats_hutchplusplus_at_equal_products_and_is_unbiased():
     """A decaying spectrum over a noisy bulk: RMS errors over 40 seeds at 60 products."""
     g = torch.Generator().manual_seed(0)
-    spectrum = torch.cat([10.0 / torch.arange(1, 21, dtype=torch.float64),
-                          0.02 * torch.randn(480, generator=g, dtype=torch.float64)])
+    spectrum = torch.cat(
+        [10.0 / torch.arange(1, 21, dtype=torch.float64), 0.02 * torch.randn(480, generator=g, dtype=torch.float64)]
+    )
     matrix, _ = dense_operator(spectrum)
     exact = spectrum.sum().item()
     errors = {}
     for method in ("xtrace", "hutch++"):
-        runs = [operator_trace(matrix.__matmul__, 500, num_samples=60, method=method, seed=seed,
-                               dtype=torch.float64).estimate - exact for seed in range(40)]
+        runs = [
+            operator_trace(
+                matrix.__matmul__, 500, num_samples=60, method=method, seed=seed, dtype=torch.float64
+            ).estimate
+            - exact
+            for seed in range(40)
+        ]
         errors[method] = torch.tensor(runs)
     rms = {method: e.pow(2).mean().sqrt().item() for method, e in errors.items()}
     assert rms["xtrace"] < 0.7 * rms["hutch++"]

@@ -4,10 +4,10 @@ gets on the union of the ranks' probe data; a NaN probe loss on one rank skips t
 import lightning.pytorch as pl
 import pytest
 import torch
+from ddp_utils import run_ranks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddp_utils import run_ranks
 from hildtools.callbacks import EdgeOfStabilityMonitor, HessianEigenMonitor
 from hildtools.curvature import hessian_eigenpairs
 
@@ -43,18 +43,30 @@ def nan_on_rank1(module, batch):
 def fit_on_rank(rank, world_size, loss_name, sizes):
     x, y = global_probe()
     start = sum(sizes[:rank])
-    shard = (x[start:start + sizes[rank]], y[start:start + sizes[rank]])
+    shard = (x[start : start + sizes[rank]], y[start : start + sizes[rank]])
     loss_fn = {"ce": ce, "nan": nan_on_rank1}[loss_name]
-    monitors = [HessianEigenMonitor(k=2, every_n_steps=3, probe_data=shard, loss_fn=loss_fn, tol=1e-6),
-                EdgeOfStabilityMonitor(every_n_steps=3, probe_data=shard, loss_fn=loss_fn, tol=1e-6)]
+    monitors = [
+        HessianEigenMonitor(k=2, every_n_steps=3, probe_data=shard, loss_fn=loss_fn, tol=1e-6),
+        EdgeOfStabilityMonitor(every_n_steps=3, probe_data=shard, loss_fn=loss_fn, tol=1e-6),
+    ]
     data = TensorDataset(torch.randn(32, 5), torch.randint(0, 3, (32,)))
     module = Net()
-    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=world_size, max_steps=3, callbacks=monitors,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=world_size,
+        max_steps=3,
+        callbacks=monitors,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, DataLoader(data, batch_size=8))
-    return {"state": {k: v.clone() for k, v in module.state_dict().items()},
-            "metrics": [dict(m.last_metrics) for m in monitors]}
+    return {
+        "state": {k: v.clone() for k, v in module.state_dict().items()},
+        "metrics": [dict(m.last_metrics) for m in monitors],
+    }
 
 
 @pytest.mark.parametrize("sizes", [(20, 20), (28, 12)], ids=["equal", "unequal"])
@@ -82,12 +94,22 @@ def all_monitors_on_rank(rank, world_size, optimizer):
     torch.manual_seed(0)
     monitors = all_monitors(every=3, probe=16)
     module = ZooModule("bn_cnn", OPTIMIZERS[optimizer])
-    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=world_size, max_steps=3, callbacks=monitors,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=world_size,
+        max_steps=3,
+        callbacks=monitors,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, DataLoader(make_data("bn_cnn", 64), batch_size=8, shuffle=True))
-    return {"params": {k: v.detach().clone() for k, v in module.named_parameters()},
-            "metrics": [dict(m.last_metrics) for m in monitors]}
+    return {
+        "params": {k: v.detach().clone() for k, v in module.named_parameters()},
+        "metrics": [dict(m.last_metrics) for m in monitors],
+    }
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "sam", "ngn", "lion", "signum"])

@@ -1,8 +1,8 @@
 """Collectives agree across ranks; a NaN on one rank is seen by all (so no rank is left waiting)."""
 
 import torch
-
 from ddp_utils import run_ranks
+
 from hildtools.distributed import all_finite, all_reduce_max, all_reduce_mean, all_reduce_weighted_mean
 
 

@@ -18,17 +18,31 @@ import pytest
 from wandb_utils import history_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = ["edge_of_stability", "hessian_inertia", "momentum_scaling", "neural_collapse", "optimizers_compare",
-            "quickstart", "sam_feature_rank", "silent_alignment", "stochastic_collapse"]
-ENV = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
-           PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))  # this checkout's hildtools
+EXAMPLES = [
+    "edge_of_stability",
+    "hessian_inertia",
+    "momentum_scaling",
+    "neural_collapse",
+    "optimizers_compare",
+    "quickstart",
+    "sam_feature_rank",
+    "silent_alignment",
+    "stochastic_collapse",
+]
+ENV = dict(
+    os.environ,
+    WANDB_MODE="offline",
+    WANDB_SILENT="true",
+    OMP_NUM_THREADS="1",
+    PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+)  # this checkout's hildtools
 
 
 def run_example(name, *args, code=None):
-    command = [sys.executable, os.path.join(ROOT, "examples", name), *args] if code is None else [
-        sys.executable, "-c", code]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900, cwd=ROOT,
-                            check=False)
+    command = (
+        [sys.executable, os.path.join(ROOT, "examples", name), *args] if code is None else [sys.executable, "-c", code]
+    )
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900, cwd=ROOT, check=False)
     return result
 
 
@@ -38,7 +52,9 @@ def verdict(stdout: str, name: str) -> tuple[str, dict[str, bool]]:
     assert len(lines) == 1, stdout[-3000:]
     match = re.match(rf"VERDICT {re.escape(name)}: (PASS|FAIL) \((\d+)/(\d+) criteria", lines[0])
     assert match, lines[0]
-    criteria = {text: status == "PASS" for status, text in re.findall(r"^  \[(PASS|FAIL)\] (.+)$", stdout, re.MULTILINE)}
+    criteria = {
+        text: status == "PASS" for status, text in re.findall(r"^  \[(PASS|FAIL)\] (.+)$", stdout, re.MULTILINE)
+    }
     assert len(criteria) == int(match.group(3)) and sum(criteria.values()) == int(match.group(2)), stdout[-3000:]
     assert (match.group(1) == "PASS") == all(criteria.values())
     return match.group(1), criteria
@@ -54,9 +70,21 @@ def ok(result) -> str:
 def test_quickstart_logs_every_monitor_to_wandb_and_saves_figures(tmp_path):
     out = ok(run_example("quickstart.py", "--tiny", "--out", str(tmp_path)))
     keys = history_keys(str(tmp_path / "wandb"))
-    for key in ["hessian/eig_0", "hessian/overlap_init", "eos/sharpness", "eos/threshold", "eos/ratio",
-                "eos/at_edge", "ntk/target_alignment", "ntk/trace", "nc/classifier/nc1", "nc/features.5/nc1",
-                "rank/classifier/pca_rank", "collapse/features.6/independent_fraction", "hessian/density/_type"]:
+    for key in [
+        "hessian/eig_0",
+        "hessian/overlap_init",
+        "eos/sharpness",
+        "eos/threshold",
+        "eos/ratio",
+        "eos/at_edge",
+        "ntk/target_alignment",
+        "ntk/trace",
+        "nc/classifier/nc1",
+        "nc/features.5/nc1",
+        "rank/classifier/pca_rank",
+        "collapse/features.6/independent_fraction",
+        "hessian/density/_type",
+    ]:
         assert key in keys, key
     figures = glob.glob(str(tmp_path / "figures" / "*.png"))
     for prefix in ["hessian_density", "ntk_spectrum", "nc_classifier", "rank_classifier", "collapse_"]:
@@ -65,19 +93,24 @@ def test_quickstart_logs_every_monitor_to_wandb_and_saves_figures(tmp_path):
 
 
 def test_missing_scikit_learn_gives_the_install_hint():
-    code = ("import sys; sys.modules['sklearn'] = None; sys.path[:0] = ['examples', '.']; import quickstart; "
-            "quickstart.main(['--tiny', '--out', 'outputs/never'])")
+    code = (
+        "import sys; sys.modules['sklearn'] = None; sys.path[:0] = ['examples', '.']; import quickstart; "
+        "quickstart.main(['--tiny', '--out', 'outputs/never'])"
+    )
     result = run_example(None, code=code)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == ('this example needs scikit-learn, which is not installed: '
-                                                      'pip install -e ".[examples]"')
+    assert result.stderr.strip().splitlines()[-1] == (
+        'this example needs scikit-learn, which is not installed: pip install -e ".[examples]"'
+    )
 
 
 @pytest.mark.slow
 def test_quickstart_without_matplotlib_prints_no_figures_folder(tmp_path):
-    code = ("import sys; sys.path[:0] = ['examples', '.']; import quickstart; "
-            "sys.modules['matplotlib.figure'] = None; "  # hildtools.logging.new_figure imports it lazily
-            f"quickstart.main(['--tiny', '--out', {str(tmp_path)!r}])")
+    code = (
+        "import sys; sys.path[:0] = ['examples', '.']; import quickstart; "
+        "sys.modules['matplotlib.figure'] = None; "  # hildtools.logging.new_figure imports it lazily
+        f"quickstart.main(['--tiny', '--out', {str(tmp_path)!r}])"
+    )
     out = ok(run_example(None, code=code))
     assert "Figures (PNG)" not in out and "No figures written" in out
     assert not glob.glob(str(tmp_path / "**" / "*.png"), recursive=True)
@@ -106,11 +139,14 @@ def test_every_flag_has_help_and_the_help_shows_defaults(name, monkeypatch):
 
 @pytest.mark.slow
 def test_edge_of_stability_passes_and_a_small_lr_fails(tmp_path):
-    status, criteria = verdict(ok(run_example("edge_of_stability.py", "--tiny", "--out", str(tmp_path))),
-                               "edge_of_stability[gd]")
+    status, criteria = verdict(
+        ok(run_example("edge_of_stability.py", "--tiny", "--out", str(tmp_path))), "edge_of_stability[gd]"
+    )
     assert status == "PASS" and len(criteria) == 2, criteria
-    status, criteria = verdict(ok(run_example("edge_of_stability.py", "--tiny", "--lrs", "0.02", "--out",
-                                              str(tmp_path / "control"))), "edge_of_stability[gd]")
+    status, criteria = verdict(
+        ok(run_example("edge_of_stability.py", "--tiny", "--lrs", "0.02", "--out", str(tmp_path / "control"))),
+        "edge_of_stability[gd]",
+    )
     assert status == "FAIL"
     assert not criteria["lr 0.02: median sharpness / threshold over the second half in [0.9, 1.2]"]
 
@@ -128,19 +164,24 @@ def test_hessian_inertia_meets_the_tiny_criteria_and_lr_zero_fails_the_early_rot
     assert criteria["median consecutive overlap over the second half >= 0.9"]
     assert criteria["overlap of the middle measurement with the final one >= 0.7"]
     assert float(re.search(r"first to end ([\d.]+)", out).group(1)) < 0.8  # it moved, unlike the lr-0 control
-    status, criteria = verdict(ok(run_example("hessian_inertia.py", "--tiny", "--lr", "0", "--out",
-                                              str(tmp_path / "control"))), "hessian_inertia")
+    status, criteria = verdict(
+        ok(run_example("hessian_inertia.py", "--tiny", "--lr", "0", "--out", str(tmp_path / "control"))),
+        "hessian_inertia",
+    )
     assert status == "FAIL"
     assert not criteria["the subspace moved early: final overlap with the first measurement < 0.5"]
 
 
 @pytest.mark.slow
 def test_silent_alignment_passes_and_a_large_initialisation_fails(tmp_path):
-    status, criteria = verdict(ok(run_example("silent_alignment.py", "--tiny", "--out", str(tmp_path))),
-                               "silent_alignment")
+    status, criteria = verdict(
+        ok(run_example("silent_alignment.py", "--tiny", "--out", str(tmp_path))), "silent_alignment"
+    )
     assert status == "PASS" and len(criteria) == 4, criteria
-    status, criteria = verdict(ok(run_example("silent_alignment.py", "--tiny", "--init-scale", "0.5", "--out",
-                                              str(tmp_path / "control"))), "silent_alignment")
+    status, criteria = verdict(
+        ok(run_example("silent_alignment.py", "--tiny", "--init-scale", "0.5", "--out", str(tmp_path / "control"))),
+        "silent_alignment",
+    )
     assert status == "FAIL" and not criteria["small init: task alignment rises by >= 0.1"]
 
 

@@ -49,10 +49,19 @@ def launched(tmp_path_factory):
         out = tmp_path_factory.mktemp(run_id)
         log = out / "stdout.txt"
         with open(log, "w") as sink:
-            command = [sys.executable, os.path.join(ROOT, "examples", f"{name}.py"), "--tiny", "--out", str(out),
-                       *flags]
-            runs[run_id] = (out, log, subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                                       cwd=ROOT))
+            command = [
+                sys.executable,
+                os.path.join(ROOT, "examples", f"{name}.py"),
+                "--tiny",
+                "--out",
+                str(out),
+                *flags,
+            ]
+            runs[run_id] = (
+                out,
+                log,
+                subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
+            )
     yield runs
     for _, _, process in runs.values():
         if process.poll() is None:
@@ -84,8 +93,11 @@ def test_sam_feature_rank_measures_from_step_zero(launched):
     text = finished(launched, "sam_feature_rank")
     _, criteria = verdict(text, "sam_feature_rank")
     assert criteria["SGD's final rank below n = 50"]
-    match = re.search(rf"at steps 0 -> 10 -> 200: SGD {NUMBER} -> {NUMBER} -> {NUMBER}, SAM rho=0.2 {NUMBER} -> "
-                      rf"{NUMBER} -> {NUMBER}", text)
+    match = re.search(
+        rf"at steps 0 -> 10 -> 200: SGD {NUMBER} -> {NUMBER} -> {NUMBER}, SAM rho=0.2 {NUMBER} -> "
+        rf"{NUMBER} -> {NUMBER}",
+        text,
+    )
     assert match, text[-2000:]
     ranks = [float(g) for g in match.groups()]
     assert ranks[0] == ranks[3]  # same seed, same initialisation: the same rank before the first step
@@ -104,8 +116,11 @@ def test_stochastic_collapse_needs_the_label_noise(launched):
 def test_optimizers_train_and_sgd_at_lr_10_does_not(launched):
     text = finished(launched, "optimizers_compare")
     verdict(text, "optimizers_compare")
-    match = re.search(rf"adamw \(lr 0.003\) {NUMBER}, lion \(lr 0.0003\) {NUMBER}, signum \(lr 0.0003\) {NUMBER}; "
-                      rf"NGN by sigma 0.1: {NUMBER}, 10: {NUMBER}; SGD by lr 0.1: {NUMBER}, 10: {NUMBER}", text)
+    match = re.search(
+        rf"adamw \(lr 0.003\) {NUMBER}, lion \(lr 0.0003\) {NUMBER}, signum \(lr 0.0003\) {NUMBER}; "
+        rf"NGN by sigma 0.1: {NUMBER}, 10: {NUMBER}; SGD by lr 0.1: {NUMBER}, 10: {NUMBER}",
+        text,
+    )
     assert match, text[-2000:]
     adamw, lion, signum, ngn_small, ngn_large, sgd_small, sgd_large = (float(g) for g in match.groups())
     assert min(adamw, lion, signum, ngn_small, ngn_large, sgd_small) > 0.8  # one epoch: all trained

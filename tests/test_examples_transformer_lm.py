@@ -15,8 +15,13 @@ from transformer_lm import verdict
 
 def test_tiny_run_passes_every_criterion_and_saves_a_figure(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "transformer_lm.py"), "--tiny", "--out",
-                             str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "transformer_lm.py"), "--tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "VERDICT transformer_lm: PASS (1 of 1 seeds)" in result.stdout, result.stdout[-3000:]
     assert re.search(r"second-half median [\d.]+ x threshold", result.stdout)

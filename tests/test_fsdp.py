@@ -11,11 +11,11 @@ import re
 import lightning.pytorch as pl
 import pytest
 import torch
+from ddp_utils import run_ranks
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddp_utils import run_ranks
 from hildtools.callbacks import (
     EdgeOfStabilityMonitor,
     FeatureRankMonitor,
@@ -225,15 +225,22 @@ def refused_on_rank(rank, world_size, sharding, name, tensor_parallel):
 
 @pytest.mark.parametrize(
     "sharding, name, tensor_parallel, message",
-    [("fsdp", "hessian", False, "HessianEigenMonitor\\(hvp='autograd'\\) does not support CPUFSDPStrategy.*double backward"),
-     ("fsdp2", "eos", False, "EdgeOfStabilityMonitor\\(hvp='autograd'\\) does not support ModelParallelStrategy"),
-     ("fsdp2", "trace", False, "HessianEigenMonitor\\(trace=True\\) does not support ModelParallelStrategy"),
-     ("fsdp", "ntk", False, "NTKAlignmentMonitor does not support.*FeatureRankMonitor"),
-     ("fsdp2", "rank", True, "tensor parallelism.*tensor_parallel_size=1"),
-     ("fsdp", "sam", False, "SAM does not support CPUFSDPStrategy.*shard's norm"),
-     ("fsdp2", "sam", False, "SAM does not support FSDP-sharded parameters \\(DTensor\\)"),
-     ("fsdp_flat", "ngn", False, "NGN does not support FSDP-sharded parameters \\(FlatParameter\\)"),
-     ("fsdp2", "ngn", False, "NGN does not support FSDP-sharded parameters \\(DTensor\\)")],
+    [
+        (
+            "fsdp",
+            "hessian",
+            False,
+            "HessianEigenMonitor\\(hvp='autograd'\\) does not support CPUFSDPStrategy.*double backward",
+        ),
+        ("fsdp2", "eos", False, "EdgeOfStabilityMonitor\\(hvp='autograd'\\) does not support ModelParallelStrategy"),
+        ("fsdp2", "trace", False, "HessianEigenMonitor\\(trace=True\\) does not support ModelParallelStrategy"),
+        ("fsdp", "ntk", False, "NTKAlignmentMonitor does not support.*FeatureRankMonitor"),
+        ("fsdp2", "rank", True, "tensor parallelism.*tensor_parallel_size=1"),
+        ("fsdp", "sam", False, "SAM does not support CPUFSDPStrategy.*shard's norm"),
+        ("fsdp2", "sam", False, "SAM does not support FSDP-sharded parameters \\(DTensor\\)"),
+        ("fsdp_flat", "ngn", False, "NGN does not support FSDP-sharded parameters \\(FlatParameter\\)"),
+        ("fsdp2", "ngn", False, "NGN does not support FSDP-sharded parameters \\(DTensor\\)"),
+    ],
 )
 def test_what_cannot_run_under_fsdp_refuses_clearly(sharding, name, tensor_parallel, message):
     for error in run_ranks(refused_on_rank, sharding, name, tensor_parallel, timeout=120):

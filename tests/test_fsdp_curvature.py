@@ -33,9 +33,11 @@ def cross_entropy(model, batch):
 
 def monitors(probe):
     """A forward-only monitor first: its no-grad forwards leave FSDP's root gathered, which the curvature handles."""
-    return [FeatureRankMonitor(layers="net.2", every_n_steps=3, **probe),
-            HessianEigenMonitor(k=2, every_n_steps=3, tol=1e-4, **probe),
-            EdgeOfStabilityMonitor(every_n_steps=3, tol=1e-3, **probe)]
+    return [
+        FeatureRankMonitor(layers="net.2", every_n_steps=3, **probe),
+        HessianEigenMonitor(k=2, every_n_steps=3, tol=1e-4, **probe),
+        EdgeOfStabilityMonitor(every_n_steps=3, tol=1e-3, **probe),
+    ]
 
 
 def fit_on_rank(rank, world_size, sharding, sizes, with_monitors=True):
@@ -45,8 +47,11 @@ def fit_on_rank(rank, world_size, sharding, sizes, with_monitors=True):
     attached = monitors(probe) if with_monitors else []
     full = FullWeights()
     train(make_strategy(sharding, world_size), world_size, SmoothNet(sharding), [*attached, full], max_steps=3)
-    return {"state": full.state, "metrics": [dict(m.last_metrics) for m in attached],
-            "methods": [m.method for m in attached[1:]]}
+    return {
+        "state": full.state,
+        "metrics": [dict(m.last_metrics) for m in attached],
+        "methods": [m.method for m in attached[1:]],
+    }
 
 
 def reference(state, n):

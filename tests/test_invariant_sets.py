@@ -234,8 +234,9 @@ def test_gpt2_conv1d_mlp_planted_neurons_counted_exactly():
 
 def test_bert_intermediate_and_output_paired_across_sibling_blocks():
     torch.manual_seed(1)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=48, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, num_labels=3
+    )
     model = transformers.BertForSequenceClassification(config)
     dense_in, dense_out = model.bert.encoder.layer[0].intermediate.dense, model.bert.encoder.layer[0].output.dense
     with torch.no_grad():
@@ -254,8 +255,14 @@ def test_bert_intermediate_and_output_paired_across_sibling_blocks():
 
 def test_llama_gated_mlp_neuron_is_gate_row_up_row_down_column():
     torch.manual_seed(2)
-    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=40, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=40,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     model = transformers.LlamaForCausalLM(config)
     mlp = model.model.layers[0].mlp
     with torch.no_grad():
@@ -288,8 +295,14 @@ def test_gated_neuron_vectors_match_a_dense_reference():
 
     model = nn.Sequential(nn.Linear(6, 6), Gated())
     block = model[1]
-    vectors = torch.cat([block.gate.weight, block.gate.bias[:, None], block.up.weight, block.up.bias[:, None],
-                         block.down.weight.T], 1).double().detach()
+    vectors = (
+        torch.cat(
+            [block.gate.weight, block.gate.bias[:, None], block.up.weight, block.up.bias[:, None], block.down.weight.T],
+            1,
+        )
+        .double()
+        .detach()
+    )
     sq = vectors.square().sum(1)
     distance = 2 * (vectors[:, None] - vectors[None]).square().sum(-1) / (sq[:, None] + sq[None])
     distance.fill_diagonal_(float("inf"))
@@ -330,7 +343,13 @@ def test_invariant_set_monitor_logs_gpt2_mlps():
     torch.manual_seed(4)
     monitor = InvariantSetMonitor(every_n_steps=1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 32, (8, 12))), batch_size=4)
-    pl.Trainer(max_steps=1, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False).fit(LM(), loader)
+    pl.Trainer(
+        max_steps=1,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(LM(), loader)
     assert monitor.last_metrics["collapse/model.transformer.h.0.mlp.c_fc/independent_fraction"] == 1.0
     assert monitor.last_metrics["collapse/model.transformer.h.1.mlp.c_fc/num_vanishing"] == 0

@@ -7,9 +7,9 @@ import os
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from wandb_utils import history_keys
 
 from hildtools.logging import log_figure, log_metrics, new_figure
-from wandb_utils import history_keys
 
 
 class Tiny(pl.LightningModule):
@@ -35,8 +35,15 @@ class Logs(pl.Callback):
 def fit(logger, tmp_path):
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
     callback = Logs()
-    trainer = pl.Trainer(max_steps=2, logger=logger, callbacks=[callback], default_root_dir=tmp_path,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=logger,
+        callbacks=[callback],
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(Tiny(), data)
     return trainer, callback
 

@@ -18,8 +18,9 @@ from hildtools.callbacks import (
 )
 
 MONITORS = {
-    "hessian": lambda batch: HessianEigenMonitor(k=2, every_n_steps=1, probe_data=batch, max_iter=2, trace=True,
-                                                 trace_samples=3),
+    "hessian": lambda batch: HessianEigenMonitor(
+        k=2, every_n_steps=1, probe_data=batch, max_iter=2, trace=True, trace_samples=3
+    ),
     "eos": lambda batch: EdgeOfStabilityMonitor(every_n_steps=1, probe_data=batch, max_iter=2),
 }
 
@@ -109,8 +110,14 @@ def test_repeated_measurements_of_the_other_monitors_leave_memory_flat(name):
     module = LitModule()
     recorder = rss_recorder(last=110)
     monitor = DATA_MONITORS[name]()
-    trainer = pl.Trainer(max_steps=110, callbacks=[monitor, recorder], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=110,
+        callbacks=[monitor, recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, DataLoader(data, batch_size=64))
     growth = recorder.readings[110] - recorder.readings[10]
     assert monitor.last_metrics and monitor.last_step == 110

@@ -102,9 +102,16 @@ def test_logged_keys_values_and_pictures(tmp_path):
 
     with open(os.path.join(trainer.log_dir, "metrics.csv")) as file:
         header = next(csv.reader(file))
-    for key in ("nc/classifier/nc1", "nc/classifier/nc4", "rank/body.4/effective_rank", "collapse/body.4/num_vanishing"):
+    for key in (
+        "nc/classifier/nc1",
+        "nc/classifier/nc4",
+        "rank/body.4/effective_rank",
+        "collapse/body.4/num_vanishing",
+    ):
         assert key in header
-    pictures = {os.path.basename(p).rsplit("_", 1)[0] for p in glob.glob(os.path.join(trainer.log_dir, "figures", "*.png"))}
+    pictures = {
+        os.path.basename(p).rsplit("_", 1)[0] for p in glob.glob(os.path.join(trainer.log_dir, "figures", "*.png"))
+    }
     assert pictures == {"nc_classifier_class_mean_cosines", "rank_body.4_spectrum", "collapse_nearest_distance"}
 
 

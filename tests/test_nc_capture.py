@@ -34,7 +34,10 @@ def test_conv_maps_pooled_or_flattened():
     torch.manual_seed(1)
     net, x = ConvNet(), torch.randn(2, 3, 8, 8)
     maps = net.conv(x).detach()
-    with FeatureCapture(net, "conv", capture="output") as avg, FeatureCapture(net, ["conv"], "output", "flatten") as flat:
+    with (
+        FeatureCapture(net, "conv", capture="output") as avg,
+        FeatureCapture(net, ["conv"], "output", "flatten") as flat,
+    ):
         net(x)
     torch.testing.assert_close(avg.features["conv"], maps.mean((2, 3)))
     torch.testing.assert_close(flat.features["conv"], maps.flatten(1))
@@ -79,8 +82,13 @@ def test_bad_input():
         FeatureCapture(net, ["conv", "nonexistent"])
     with pytest.raises(ValueError, match="no nn.Linear"):
         FeatureCapture(nn.Sequential(nn.ReLU()))
-    bad = (({"capture": "in"}, "capture"), ({"pool": "max"}, "pool"), ({"projection_dim": 0}, "projection_dim"),
-           ({"projection_dim": True}, "projection_dim"), ({"capture": ["input"]}, "capture"))
+    bad = (
+        ({"capture": "in"}, "capture"),
+        ({"pool": "max"}, "pool"),
+        ({"projection_dim": 0}, "projection_dim"),
+        ({"projection_dim": True}, "projection_dim"),
+        ({"capture": ["input"]}, "capture"),
+    )
     for kwargs, match in bad:
         with pytest.raises(ValueError, match=match):
             FeatureCapture(net, **kwargs)

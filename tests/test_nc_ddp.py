@@ -60,8 +60,17 @@ def fit_token_monitor_on_rank(rank, world_size, sizes):
     torch.manual_seed(0)
     module = TinyGPT2()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(input_ids, labels), batch_size=8)
-    pl.Trainer(strategy="ddp", accelerator="cpu", devices=world_size, max_steps=2, callbacks=[monitor], logger=False,
-               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
+    pl.Trainer(
+        strategy="ddp",
+        accelerator="cpu",
+        devices=world_size,
+        max_steps=2,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, loader)
     return {"state": {k: v.clone() for k, v in module.state_dict().items()}, "metrics": dict(monitor.last_metrics)}
 
 

@@ -90,7 +90,16 @@ def test_exact_etf_gives_zero():
     means = simplex_etf(7, 12, norm=3.0)
     labels = torch.arange(7).repeat(3)
     result = neural_collapse(means[labels], labels, 7, classifier_weight=means, predictions=labels)
-    for key in ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2_max_angle", "nc2_equinorm_weights", "nc3", "nc4", "cdnv"):
+    for key in (
+        "nc1",
+        "nc2_equinorm",
+        "nc2_equiangular",
+        "nc2_max_angle",
+        "nc2_equinorm_weights",
+        "nc3",
+        "nc4",
+        "cdnv",
+    ):
         assert abs(result[key].item()) < 1e-12, key
 
 

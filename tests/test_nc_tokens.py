@@ -141,12 +141,21 @@ def test_monitor_on_gpt2_equals_dense_reference_on_lm_head_inputs(monkeypatch):
     assert default_layer(module) == "model.lm_head"
     monitor = NeuralCollapseMonitor(num_classes=256, every_n_steps=2, probe_data=(input_ids, labels), batch_size=24)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(input_ids, labels), batch_size=16)
-    pl.Trainer(max_steps=2, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False).fit(module, loader)
+    pl.Trainer(
+        max_steps=2,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, loader)
 
     assert updates[-6:] == [(24, 32, 64), (24, 32, 64), (16, 32, 64)] * 2  # last measurement: 2 passes x 3 chunks
-    measured = {key.removeprefix("nc/model.lm_head/"): value for key, value in monitor.last_metrics.items()
-                if key != "nc/seconds"}
+    measured = {
+        key.removeprefix("nc/model.lm_head/"): value
+        for key, value in monitor.last_metrics.items()
+        if key != "nc/seconds"
+    }
     expected = dense_token_reference(module, input_ids, labels)
     assert set(measured) == set(expected) | {"nc2_equinorm_weights"}
     for key, value in expected.items():
@@ -156,8 +165,15 @@ def test_monitor_on_gpt2_equals_dense_reference_on_lm_head_inputs(monkeypatch):
 def test_classifier_transformer_keeps_pooled_features():
     """BERT sequence classifier, one label per example: features = the classifier's input (pooled output)."""
     torch.manual_seed(1)
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     bert = transformers.BertForSequenceClassification(config)
     input_ids, labels = torch.randint(0, 50, (30, 8)), torch.arange(30) % 3
     capture_layer = default_layer(bert)
@@ -179,9 +195,14 @@ def test_classifier_transformer_keeps_pooled_features():
 
     module = Classifier()
     monitor = NeuralCollapseMonitor(num_classes=3, every_n_steps=1, probe_data=(input_ids, labels))
-    pl.Trainer(max_steps=1, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False).fit(module, torch.utils.data.DataLoader(
-                   torch.utils.data.TensorDataset(input_ids, labels), batch_size=10))
+    pl.Trainer(
+        max_steps=1,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(input_ids, labels), batch_size=10))
     with torch.no_grad():
         pooled = bert.eval().bert(input_ids=input_ids).pooler_output.double()
         predicted = bert(input_ids=input_ids).logits.argmax(1)
@@ -226,7 +247,13 @@ def test_a_layer_the_forward_never_calls_is_reported():
 
     data = (torch.randn(8, 3), torch.arange(8) % 2)
     monitor = NeuralCollapseMonitor(2, ["fc", "spare"], every_n_steps=1, probe_data=data)
-    trainer = pl.Trainer(max_steps=1, callbacks=[monitor], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=1,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ValueError, match=r"\['spare'\] were not called"):
         trainer.fit(Unused(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=4))

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.distributed as dist
+from ddp_utils import run_ranks
 from torch import nn
 from torch.func import functional_call
 
-from ddp_utils import run_ranks
 from hildtools.metrics import empirical_ntk
 
 OUTPUTS = ["sum", "mean", "index", "projection", "full"]

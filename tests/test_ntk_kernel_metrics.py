@@ -52,7 +52,9 @@ def test_alignment_against_explicit_targets(centered):
     ]
     for targets, explicit in cases:
         expected = reference_alignment(kernel, explicit, centered)
-        assert kernel_alignment(torch.tensor(kernel), targets, centered=centered).item() == pytest.approx(expected, rel=1e-12)
+        assert kernel_alignment(torch.tensor(kernel), targets, centered=centered).item() == pytest.approx(
+            expected, rel=1e-12
+        )
 
 
 @pytest.mark.parametrize("centered", [False, True])
@@ -114,7 +116,9 @@ def test_kernel_kernel_metrics_against_formulas():
 def test_spectrum_and_effective_rank():
     kernel = random_psd(10, seed=7, rank=4)
     values = np.sort(np.linalg.eigvalsh(kernel))[::-1]
-    torch.testing.assert_close(kernel_eigenvalues(torch.tensor(kernel)), torch.tensor(values.copy()), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        kernel_eigenvalues(torch.tensor(kernel)), torch.tensor(values.copy()), rtol=0, atol=1e-10
+    )
     torch.testing.assert_close(kernel_eigenvalues(torch.tensor(kernel), k=3), torch.tensor(values[:3].copy()))
     p = np.clip(values, 0, None)
     p = p[p > 0] / p.sum()
@@ -166,7 +170,9 @@ def test_numerator_without_the_kernel_equals_the_kernel_form(output, centered):
     for y, matrix in ((labels, nn.functional.one_hot(labels, 3).double()), (targets, targets)):
         if centered:
             matrix = matrix - matrix.mean(0)
-        expected = matrix.reshape(-1) @ kernel @ matrix.reshape(-1) if output == "full" else (matrix * (kernel @ matrix)).sum()
+        expected = (
+            matrix.reshape(-1) @ kernel @ matrix.reshape(-1) if output == "full" else (matrix * (kernel @ matrix)).sum()
+        )
         numerator = target_alignment_numerator(
             model, x, y, output=output, output_index=index, centered=centered, seed=4, chunk_size=2
         )

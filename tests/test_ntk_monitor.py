@@ -12,13 +12,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
+from ddp_utils import run_ranks
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from wandb_utils import history_keys
 
-from ddp_utils import run_ranks
 from hildtools.callbacks import NTKAlignmentMonitor
 from hildtools.metrics import (
     empirical_ntk,
@@ -27,10 +28,16 @@ from hildtools.metrics import (
     kernel_effective_rank,
     relative_change,
 )
-from wandb_utils import history_keys
 
-KEYS = {"trace", "effective_rank", "init_alignment", "relative_change", "target_alignment", "target_alignment_centered",
-        "seconds"}
+KEYS = {
+    "trace",
+    "effective_rank",
+    "init_alignment",
+    "relative_change",
+    "target_alignment",
+    "target_alignment_centered",
+    "seconds",
+}
 
 
 class Classifier(pl.LightningModule):
@@ -129,8 +136,14 @@ def test_resume_keeps_k0_and_continues_the_same_curves(tmp_path):
     torch.testing.assert_close(state["initial_kernel"], first.initial_kernel.cpu(), rtol=0, atol=0)
 
     resumed = NTKAlignmentMonitor(every_n_steps=2, probe_size=20)
-    resumed_model, _ = fit([resumed], tmp_path, max_epochs=4, ckpt_path=checkpoint.last_model_path,
-                           extra=[ModelCheckpoint(dirpath=tmp_path / "ckpt")], resumable=True)
+    resumed_model, _ = fit(
+        [resumed],
+        tmp_path,
+        max_epochs=4,
+        ckpt_path=checkpoint.last_model_path,
+        extra=[ModelCheckpoint(dirpath=tmp_path / "ckpt")],
+        resumable=True,
+    )
     for a, b in zip(model.parameters(), resumed_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(resumed.initial_kernel, uninterrupted.initial_kernel, rtol=0, atol=0)
@@ -152,7 +165,10 @@ def test_probe_without_labels_logs_kernel_metrics_and_warns_once(tmp_path):
         fit([monitor], tmp_path)
     messages = [str(w.message) for w in caught if "NTKAlignmentMonitor" in str(w.message)]
     assert len(messages) == 1 and "no targets" in messages[0]
-    assert {key.split("/")[1] for key in monitor.last_metrics} == KEYS - {"target_alignment", "target_alignment_centered"}
+    assert {key.split("/")[1] for key in monitor.last_metrics} == KEYS - {
+        "target_alignment",
+        "target_alignment_centered",
+    }
 
 
 def test_nan_kernel_skips_with_a_warning_and_training_goes_on(tmp_path):

@@ -34,7 +34,9 @@ def train_two_layer(init_scale, steps=150, every=10, lr=0.05, width=32):
         loss = 0.5 * (model(x)[:, 0] - y).pow(2).mean()
         if step % every == 0:
             kernel = empirical_ntk(model, x)
-            rows.append({"step": step, "loss": loss.item(), "alignment": kernel_alignment(kernel, y).item(), "K": kernel})
+            rows.append(
+                {"step": step, "loss": loss.item(), "alignment": kernel_alignment(kernel, y).item(), "K": kernel}
+            )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -47,7 +49,9 @@ def test_small_init_aligns_before_the_loss_falls():
     assert last["loss"] < 0.01 * first["loss"]  # it did learn
     assert abs(last["alignment"] - 2 / 11**0.5) < 0.02  # final kernel ~ X X^T + y y^T: alignment 2/sqrt(d + 3)
     assert last["alignment"] - first["alignment"] > 0.1
-    aligned = next(r for r in rows if r["alignment"] - first["alignment"] >= 0.9 * (last["alignment"] - first["alignment"]))
+    aligned = next(
+        r for r in rows if r["alignment"] - first["alignment"] >= 0.9 * (last["alignment"] - first["alignment"])
+    )
     assert aligned["loss"] > 0.9 * first["loss"]  # 90% of the rise while the loss has fallen by < 10%
     assert kernel_alignment_between(aligned["K"], last["K"]) > 0.99  # the kernel's direction is already final
     assert last["K"].trace() > 100 * aligned["K"].trace()  # ... and afterwards it grows in scale

@@ -57,7 +57,7 @@ def test_sketch_is_the_jacobian_times_its_directions(make_model, shape, train, o
 
 
 def test_sketch_of_a_multi_output_kernel_has_the_stated_mean_and_variance():
-    """"sum" over C = 3 outputs: E K~ = K and Var(K~_ij) = (<G_ii, G_jj>_F + ||G_ij||_F^2) / k with G_ij = J_i J_j^T,
+    """ "sum" over C = 3 outputs: E K~ = K and Var(K~_ij) = (<G_ii, G_jj>_F + ||G_ij||_F^2) / k with G_ij = J_i J_j^T,
     over 60 seeds (fixed, so the test is deterministic; the bounds are 4.5 standard errors)."""
     torch.manual_seed(0)
     model, x, k, seeds = mlp().double(), data((4,), n=6), 16, range(60)

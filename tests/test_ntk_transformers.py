@@ -169,4 +169,5 @@ def test_monitor_default_on_a_causal_lm_is_the_projection_over_positions_and_voc
     expected = empirical_ntk(module.eval(), ids, output="projection")
     torch.testing.assert_close(monitor.last_kernel, expected, rtol=1e-5, atol=0)
     assert {"ntk/trace", "ntk/init_alignment", "ntk/relative_change", "ntk/effective_rank", "ntk/seconds"} == set(
-        monitor.last_metrics)
+        monitor.last_metrics
+    )

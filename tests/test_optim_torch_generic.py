@@ -193,7 +193,9 @@ def test_forloop_goes_right_direction(info, contiguous, with_lrsched):
 @by_info
 def test_param_group_with_lrscheduler_goes_right_direction(info):
     if info.optim_cls is Signum:
-        pytest.skip("Signum has no default lr (sign methods need a problem-specific one); upstream leaves one group without lr")
+        pytest.skip(
+            "Signum has no default lr (sign methods need a problem-specific one); upstream leaves one group without lr"
+        )
     extra = {"base_optimizer": SGD} if info.optim_cls is SAM else {}
     for schedulers_c in info.scheduler_inputs:
         weight, bias, inpt = linear_problem()

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from zoo import make_data, zoo_module
 
 from hildtools.batches import default_unpack
 from hildtools.callbacks import FeatureRankMonitor
 from hildtools.callbacks._monitor import Monitor, SkipMeasurement
 from hildtools.probe import Probe, draw_examples, training_step_loss
-from zoo import make_data, zoo_module
 
 
 def bn_net():
@@ -151,8 +151,10 @@ def test_default_unpack_formats():
 
 def test_math_layers_import_neither_the_probe_nor_lightning():
     """curvature/ and metrics/ take batch utilities from hildtools.batches, so plain PyTorch loops use them alone."""
-    code = ("import sys, hildtools.curvature, hildtools.metrics, hildtools.optimizers; "
-            "print(sorted(m for m in sys.modules if m in ('hildtools.probe', 'hildtools.callbacks', 'lightning')))")
+    code = (
+        "import sys, hildtools.curvature, hildtools.metrics, hildtools.optimizers; "
+        "print(sorted(m for m in sys.modules if m in ('hildtools.probe', 'hildtools.callbacks', 'lightning')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert out.stdout.strip() == "[]"
@@ -182,8 +184,9 @@ def test_dict_batches_reach_the_model_whole_on_padded_bert():
     assert torch.allclose(loss, training_loss, rtol=1e-6, atol=1e-7)
     assert torch.allclose(capture.features["net.classifier"], seen[0], rtol=1e-5, atol=1e-6)
     assert targets is probe_batch["labels"]
-    assert torch.allclose(logits, module.net(**{k: v for k, v in batch.items() if k != "labels"}).logits,
-                          rtol=1e-5, atol=1e-6)
+    assert torch.allclose(
+        logits, module.net(**{k: v for k, v in batch.items() if k != "labels"}).logits, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_bad_arguments_name_the_argument():
@@ -235,8 +238,13 @@ def fit(callbacks, steps=12, **trainer_kwargs):
     loader = DataLoader(data, batch_size=16, shuffle=True)
     model = DigitsLike()
     trainer = pl.Trainer(
-        max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
     )
     trainer.fit(model, loader)
     return model

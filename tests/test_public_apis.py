@@ -76,8 +76,9 @@ def test_canary_lightning_still_has_the_row_index_log_step_reads():
     assert trainer.fit_loop.epoch_loop._batches_that_stepped == log_step(trainer) == 3
 
 
-@pytest.mark.parametrize("make", [lambda: EdgeOfStabilityMonitor(every_n_epochs=2),
-                                  lambda: InvariantSetMonitor(["net.0"], every_n_steps=3)])
+@pytest.mark.parametrize(
+    "make", [lambda: EdgeOfStabilityMonitor(every_n_epochs=2), lambda: InvariantSetMonitor(["net.0"], every_n_steps=3)]
+)
 def test_state_key_keeps_lightnings_format_without_its_protected_helper(make):
     """Checkpoints written before keep loading: the key equals what Callback._generate_state_key gave."""
     monitor = make()

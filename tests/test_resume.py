@@ -54,15 +54,23 @@ class Net(pl.LightningModule):
 
 def loader():
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)),
-                      batch_size=12)  # 4 steps an epoch, fixed order: resuming at an epoch boundary is exact
+    return DataLoader(
+        TensorDataset(torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)), batch_size=12
+    )  # 4 steps an epoch, fixed order: resuming at an epoch boundary is exact
 
 
 def fit(optimizer, epochs, root, ckpt_path=None):
     monitors = [make() for make in MONITORS.values()]
     module = Net(optimizer)
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=list(monitors), default_root_dir=root, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=list(monitors),
+        default_root_dir=root,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader(), ckpt_path=ckpt_path)
     return trainer, module, monitors
 

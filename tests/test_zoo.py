@@ -5,6 +5,7 @@ architectures (ResNet-18, GPT-2, BERT, Llama, ViT) have their own matrix in test
 import lightning.pytorch as pl
 import pytest
 import torch
+from zoo import NUM_CLASSES, ZOO, ZooModule, zoo_loader
 
 from hildtools.callbacks import (
     EdgeOfStabilityMonitor,
@@ -15,7 +16,6 @@ from hildtools.callbacks import (
     NTKAlignmentMonitor,
 )
 from hildtools.optimizers import NGN, SAM, Lion, Signum
-from zoo import NUM_CLASSES, ZOO, ZooModule, zoo_loader
 
 OPTIMIZERS = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
@@ -41,8 +41,15 @@ def all_monitors(every=5, probe=32):
 def fit(name, make_optimizer, callbacks, steps):
     torch.manual_seed(0)
     module = ZooModule(name, make_optimizer)
-    trainer = pl.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
     trainer.fit(module, zoo_loader(name))
     return module
 

@@ -23,11 +23,11 @@ def records(path: str):
         if BLOCK - pos % BLOCK < 7:
             pos += BLOCK - pos % BLOCK
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
         if kind == 0 and length == 0:
             break
-        pending += data[pos:pos + length]
+        pending += data[pos : pos + length]
         pos += length
         if kind in (1, 4):
             record = pb.Record()

@@ -34,8 +34,15 @@ class BNConvNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.1),
-            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
         )
         self.classifier = nn.Linear(32, NUM_CLASSES)
 
@@ -128,8 +135,9 @@ class ResNet18(nn.Module):
 
     def __init__(self, width=8, num_classes=NUM_CLASSES):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
         stages, inputs = [], width
         for i in range(4):
             stages += [BasicBlock(inputs, width * 2**i, 1 if i == 0 else 2), BasicBlock(width * 2**i, width * 2**i, 1)]
@@ -145,33 +153,65 @@ class ResNet18(nn.Module):
 def gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=16,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=16, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def bert(dropout=0.1):
     from transformers import BertConfig, BertForSequenceClassification
 
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, num_labels=NUM_CLASSES, pad_token_id=0,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=16,
+            num_labels=NUM_CLASSES,
+            pad_token_id=0,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+        )
+    )
 
 
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 def vit():
     from transformers import ViTConfig, ViTForImageClassification
 
-    return ViTForImageClassification(ViTConfig(
-        image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=NUM_CLASSES, hidden_dropout_prob=0.1))
+    return ViTForImageClassification(
+        ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=NUM_CLASSES,
+            hidden_dropout_prob=0.1,
+        )
+    )
 
 
 def language_data(n, g):
@@ -202,18 +242,26 @@ def make_data(name: str, n: int = 64, seed: int = 0):
         tokens = torch.randint(NUM_CLASSES + 1, VOCAB, (n, LENGTH), generator=g)
         tokens[:, 0] = 1 + labels
         mask = torch.arange(LENGTH) < torch.randint(3, LENGTH + 1, (n, 1), generator=g)
-        return DictDataset(input_ids=tokens * mask, attention_mask=mask.long(),
-                           token_type_ids=torch.zeros_like(tokens), labels=labels)
+        return DictDataset(
+            input_ids=tokens * mask, attention_mask=mask.long(), token_type_ids=torch.zeros_like(tokens), labels=labels
+        )
     if name == "vit":
-        return DictDataset(pixel_values=torch.randn(n, 3, 8, 8, generator=g) + labels[:, None, None, None],
-                           labels=labels)
+        return DictDataset(
+            pixel_values=torch.randn(n, 3, 8, 8, generator=g) + labels[:, None, None, None], labels=labels
+        )
     if name == "gru":
         return TensorDataset(torch.randn(n, 5, 3, generator=g) + labels[:, None, None], labels)
     raise ValueError(name)
 
 
-NETWORKS = {"mlp": MLP, "bn_cnn": BNConvNet, "resnet": ResNet, "transformer": TinyTransformer,
-            "dict_transformer": TinyTransformer, "gru": GRUClassifier}
+NETWORKS = {
+    "mlp": MLP,
+    "bn_cnn": BNConvNet,
+    "resnet": ResNet,
+    "transformer": TinyTransformer,
+    "dict_transformer": TinyTransformer,
+    "gru": GRUClassifier,
+}
 ARCHITECTURES = {"resnet18": ResNet18, "gpt2": gpt2, "bert": bert, "llama": llama, "vit": vit}
 HUGGING_FACE = ("gpt2", "bert", "llama", "vit")
 LANGUAGE_MODELS = ("gpt2", "llama")  # one label per token: the next token, over VOCAB classes
@@ -266,5 +314,6 @@ def zoo_module(name: str, make_optimizer=None, **options) -> ZooModule:
 
 
 def zoo_loader(name: str, n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
-    return DataLoader(make_data(name, n, seed), batch_size=batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        make_data(name, n, seed), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )

@@ -136,4 +136,3 @@ def _output_tensor(output: Any) -> Tensor | None:
     if isinstance(output, Mapping):
         output = output.get("logits")
     return output if isinstance(output, Tensor) else None
-

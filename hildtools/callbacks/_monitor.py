@@ -26,8 +26,13 @@ from hildtools.logging import log_metrics, to_float
 from hildtools.probe import LossFn, Probe, Unpack, module_device
 from hildtools.sharding import sharding, unsupported_strategy
 
-FSDP_MONITORS = ("NeuralCollapseMonitor", "FeatureRankMonitor", "InvariantSetMonitor", "HessianEigenMonitor",
-                 "EdgeOfStabilityMonitor")
+FSDP_MONITORS = (
+    "NeuralCollapseMonitor",
+    "FeatureRankMonitor",
+    "InvariantSetMonitor",
+    "HessianEigenMonitor",
+    "EdgeOfStabilityMonitor",
+)
 
 
 class SkipMeasurement(Exception):

@@ -96,8 +96,15 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
         check_optional_int("param_group", param_group, 0)
         every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
-            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, tol=tol,
-            max_iter=max_iter, bn_mode=bn_mode, measure_at_start=measure_at_start, hvp=hvp, **kwargs,
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            probe_size=probe_size,
+            tol=tol,
+            max_iter=max_iter,
+            bn_mode=bn_mode,
+            measure_at_start=measure_at_start,
+            hvp=hvp,
+            **kwargs,
         )
         self.edge_ratio = float(edge_ratio)
         self.optimizer_index = optimizer_index
@@ -123,8 +130,10 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
     def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = self.optimizer(trainer)
         if self.threshold(optimizer) is None:
-            rank_zero_warn(f"EdgeOfStabilityMonitor: no known stability threshold for {type(optimizer).__name__}; "
-                           "logging eos/sharpness only (thresholds: SGD, heavy ball, Nesterov, Adam/AdamW, NGN)")
+            rank_zero_warn(
+                f"EdgeOfStabilityMonitor: no known stability threshold for {type(optimizer).__name__}; "
+                "logging eos/sharpness only (thresholds: SGD, heavy ball, Nesterov, Adam/AdamW, NGN)"
+            )
         super().on_fit_setup(trainer, pl_module)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
@@ -137,8 +146,17 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
             preconditioner = adam_preconditioner(optimizer, params)
         model, loss = self.model_and_loss(trainer, module)
         result = self.guarded(
-            hessian_eigenpairs, model, loss, batch, k=1, tol=self.tol, max_iter=self.max_iter,
-            init=self.vector, preconditioner=preconditioner, seed=self.last_step, hvp=self.method or self.hvp,
+            hessian_eigenpairs,
+            model,
+            loss,
+            batch,
+            k=1,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            init=self.vector,
+            preconditioner=preconditioner,
+            seed=self.last_step,
+            hvp=self.method or self.hvp,
         )
         self.vector = result.eigenvectors
         sharpness = float(result.eigenvalues[0])

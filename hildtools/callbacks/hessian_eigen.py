@@ -81,8 +81,15 @@ class HessianEigenMonitor(CurvatureMonitor):
         max_iter = max(60, 10 * k) if max_iter is None else max_iter
         every_n_steps, every_n_epochs = default_schedule(every_n_steps, every_n_epochs, steps=100)
         super().__init__(
-            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_size=probe_size, tol=tol,
-            max_iter=max_iter, min_iter=k, bn_mode=bn_mode, hvp=hvp, **kwargs,
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            probe_size=probe_size,
+            tol=tol,
+            max_iter=max_iter,
+            min_iter=k,
+            bn_mode=bn_mode,
+            hvp=hvp,
+            **kwargs,
         )
         self.k = k
         self.trace = trace
@@ -97,16 +104,27 @@ class HessianEigenMonitor(CurvatureMonitor):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.trace and sharding(trainer) is not None:
-            raise RuntimeError(f"HessianEigenMonitor(trace=True) does not support {type(trainer.strategy).__name__} "
-                               "yet (XTrace and Hutch++ factorise whole vectors); use trace=False under FSDP")
+            raise RuntimeError(
+                f"HessianEigenMonitor(trace=True) does not support {type(trainer.strategy).__name__} "
+                "yet (XTrace and Hutch++ factorise whole vectors); use trace=False under FSDP"
+            )
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
         operator = self.guarded(self.operator, trainer, module, batch)  # one graph for every product
         on = {"device": operator.device, "dtype": operator.dtype}
         init = self.vectors if self.vectors is not None and self.vectors.shape[0] == operator.size else None
-        result = lanczos(operator.matvec, operator.size, self.k, tol=self.tol, max_iter=self.max_iter,
-                         init=init, seed=self.last_step, inner=operator.inner,
-                         product_error=lambda: operator.product_error, **on)
+        result = lanczos(
+            operator.matvec,
+            operator.size,
+            self.k,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            init=init,
+            seed=self.last_step,
+            inner=operator.inner,
+            product_error=lambda: operator.product_error,
+            **on,
+        )
         values, vectors = result.eigenvalues, result.eigenvectors
         metrics = {f"eig_{i}": value for i, value in enumerate(values)}
         metrics.update({f"eig_{i}_err": bound for i, bound in enumerate(result.error_bounds.tolist())})
@@ -119,12 +137,20 @@ class HessianEigenMonitor(CurvatureMonitor):
         self.vectors = vectors
         if self.trace:
             method = "xtrace" if self.trace_samples >= 4 else "hutch++"  # XTrace needs two pairs of products
-            estimate = operator_trace(operator.matvec, operator.size, num_samples=self.trace_samples, method=method,
-                                      seed=self.last_step, matmat=operator.matmat, **on)
+            estimate = operator_trace(
+                operator.matvec,
+                operator.size,
+                num_samples=self.trace_samples,
+                method=method,
+                seed=self.last_step,
+                matmat=operator.matmat,
+                **on,
+            )
             metrics["trace"] = estimate.estimate
         if self.density:
-            density = lanczos_quadrature(operator.matvec, operator.size, seed=self.last_step, inner=operator.inner,
-                                         **on)
+            density = lanczos_quadrature(
+                operator.matvec, operator.size, seed=self.last_step, inner=operator.inner, **on
+            )
             self.log_density(trainer, density, float(values[0]))
         return metrics
 

@@ -110,10 +110,17 @@ class InvariantSetMonitor(ScheduledMonitor):
             distances = layer.nearest_distance[torch.isfinite(layer.nearest_distance)].clamp_min(1e-8).log10()
             if len(distances):
                 axes.hist(distances.cpu().numpy(), bins=40, histtype="step", label=layer.name)
-        axes.axvline(math.log10(self.identical_threshold), color="k", linestyle="--",
-                     label=f"identical below {self.identical_threshold:g}")
-        axes.set(xlabel="log10 normalised distance to the nearest neuron", ylabel="neurons",
-                 title=f"distance of each neuron to its nearest twin, step {trainer.global_step}")
+        axes.axvline(
+            math.log10(self.identical_threshold),
+            color="k",
+            linestyle="--",
+            label=f"identical below {self.identical_threshold:g}",
+        )
+        axes.set(
+            xlabel="log10 normalised distance to the nearest neuron",
+            ylabel="neurons",
+            title=f"distance of each neuron to its nearest twin, step {trainer.global_step}",
+        )
         axes.legend(fontsize="x-small")
         log_figure(trainer, "collapse/nearest_distance", figure)
 

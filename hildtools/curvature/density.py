@@ -38,8 +38,9 @@ class SpectralDensity:
         """``mean over probes of sum_j tau_j theta_j^power``, an estimate of ``tr(H^power) / P``."""
         return (self.weights * self.nodes**power).sum(1).mean().item()
 
-    def smooth(self, grid: Tensor | None = None, *, num_points: int = 512,
-               sigma: float | None = None) -> tuple[Tensor, Tensor]:
+    def smooth(
+        self, grid: Tensor | None = None, *, num_points: int = 512, sigma: float | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The density broadened by a Gaussian of width ``sigma``: ``phi(x) = mean_probes sum_j tau_j N(x;
         theta_j, sigma^2)``, which integrates to 1.
 
@@ -56,18 +57,27 @@ class SpectralDensity:
             sigma = 0.01 * ((high - low) or max(abs(high), 1.0))
         sigma = check_positive("sigma", sigma)
         if grid is None:
-            grid = torch.linspace(low - 5 * sigma, high + 5 * sigma, check_int("num_points", num_points, 2),
-                                  dtype=torch.float64)
+            grid = torch.linspace(
+                low - 5 * sigma, high + 5 * sigma, check_int("num_points", num_points, 2), dtype=torch.float64
+            )
         grid = torch.as_tensor(grid, dtype=torch.float64)
         gauss = torch.exp(-0.5 * ((grid[:, None] - self.nodes.reshape(1, -1)) / sigma) ** 2)
         gauss = gauss / (sigma * (2 * torch.pi) ** 0.5)
         return grid, gauss @ self.weights.reshape(-1) / self.nodes.shape[0]
 
 
-def lanczos_quadrature(matvec: MatVec, size: int, *, num_probes: int = 1, num_steps: int = 80, seed: int = 0,
-                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                       basis_device: torch.device | str | None = None,
-                       inner: Inner = local_inner) -> SpectralDensity:
+def lanczos_quadrature(
+    matvec: MatVec,
+    size: int,
+    *,
+    num_probes: int = 1,
+    num_steps: int = 80,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    basis_device: torch.device | str | None = None,
+    inner: Inner = local_inner,
+) -> SpectralDensity:
     """SLQ nodes and weights of the symmetric operator ``matvec`` (``num_probes * num_steps`` products at most);
     ``inner`` as in :func:`hildtools.curvature.lanczos.lanczos` (for sharded vectors ``size`` is the local count).
 
@@ -83,14 +93,15 @@ def lanczos_quadrature(matvec: MatVec, size: int, *, num_probes: int = 1, num_st
     weights = torch.zeros(num_probes, num_steps, dtype=torch.float64)
     num_hvp = 0
     for row in range(num_probes):
-        process = LanczosProcess(matvec, rademacher_vector(size, generator, torch.device(device), dtype),
-                                 basis_device, inner)
+        process = LanczosProcess(
+            matvec, rademacher_vector(size, generator, torch.device(device), dtype), basis_device, inner
+        )
         while process.length < num_steps:
             beta = process.step()
             if beta <= 1e3 * torch.finfo(dtype).eps * max(abs(a) for a in process.alphas):
                 break  # the Krylov space is invariant: the quadrature is already exact
         theta, vectors = torch.linalg.eigh(process.tridiagonal())
-        nodes[row, : len(theta)], nodes[row, len(theta):] = theta, theta[-1]
+        nodes[row, : len(theta)], nodes[row, len(theta) :] = theta, theta[-1]
         weights[row, : len(theta)] = vectors[0] ** 2
         num_hvp += process.length
     return SpectralDensity(nodes, weights, num_hvp)
@@ -137,6 +148,14 @@ def spectral_density(
     check_int("num_probes", num_probes, 1)
     check_int("num_steps", num_steps, 1)
     operator = HessianOperator(model, loss_fn, batch, params=params, backend=backend, hvp=hvp, dtype=dtype)
-    return lanczos_quadrature(operator.matvec, operator.size, num_probes=num_probes, num_steps=num_steps, seed=seed,
-                              device=operator.device, dtype=operator.dtype, basis_device=basis_device,
-                              inner=operator.inner)
+    return lanczos_quadrature(
+        operator.matvec,
+        operator.size,
+        num_probes=num_probes,
+        num_steps=num_steps,
+        seed=seed,
+        device=operator.device,
+        dtype=operator.dtype,
+        basis_device=basis_device,
+        inner=operator.inner,
+    )

@@ -93,16 +93,34 @@ def hessian_eigenpairs(
     if backend == "pyhessian":
         from hildtools.curvature.pyhessian_backend import pyhessian_eigenpairs
 
-        unsupported = {"init": init, "preconditioner": preconditioner, "params": params, "dtype": dtype,
-                       "basis_device": basis_device}
+        unsupported = {
+            "init": init,
+            "preconditioner": preconditioner,
+            "params": params,
+            "dtype": dtype,
+            "basis_device": basis_device,
+        }
         given = [name for name, value in unsupported.items() if value is not None] + (["smallest"] if smallest else [])
         if given:
             raise ValueError(f"backend='pyhessian' does not support {', '.join(given)}; use backend='autograd'")
         return pyhessian_eigenpairs(model, loss_fn, batch, k, tol=tol, max_iter=max_iter or 100)
-    operator = HessianOperator(model, loss_fn, batch, params=params, backend=backend, hvp=hvp,
-                               preconditioner=preconditioner, dtype=dtype)
+    operator = HessianOperator(
+        model, loss_fn, batch, params=params, backend=backend, hvp=hvp, preconditioner=preconditioner, dtype=dtype
+    )
     if k > operator.dimension:
         raise ValueError(f"k must be at most the number of parameters ({operator.dimension}), got {k}")
-    return lanczos(operator.matvec, operator.size, k, tol=tol, max_iter=max_iter, init=init, smallest=smallest,
-                   basis_device=basis_device, seed=seed, device=operator.device, dtype=operator.dtype,
-                   inner=operator.inner, product_error=lambda: operator.product_error)
+    return lanczos(
+        operator.matvec,
+        operator.size,
+        k,
+        tol=tol,
+        max_iter=max_iter,
+        init=init,
+        smallest=smallest,
+        basis_device=basis_device,
+        seed=seed,
+        device=operator.device,
+        dtype=operator.dtype,
+        inner=operator.inner,
+        product_error=lambda: operator.product_error,
+    )

@@ -47,7 +47,9 @@ GradientAt = Callable[[float], Tensor]
 """``gradient(t) = g(theta + t v)`` as a flat vector, for the direction ``v`` of the current product."""
 
 
-def finite_difference_step(dtype: torch.dtype, theta_norm: float, vector_norm: float, extrapolate: bool = True) -> float:
+def finite_difference_step(
+    dtype: torch.dtype, theta_norm: float, vector_norm: float, extrapolate: bool = True
+) -> float:
     """The step ``h = c u^(1/(p+1)) ||theta|| / ||v||`` (see the module docstring), ``p = 4`` or ``2``."""
     order = 4 if extrapolate else 2
     scale = theta_norm if theta_norm > 0 else 1.0
@@ -56,6 +58,7 @@ def finite_difference_step(dtype: torch.dtype, theta_norm: float, vector_norm: f
 
 def central_differences(gradient: GradientAt, step: float, extrapolate: bool = True) -> tuple[Tensor, Tensor | None]:
     """``(D(h), D(h/2))`` (``D(h/2)`` is ``None`` without extrapolation); combine with :func:`extrapolated`."""
+
     def difference(h: float) -> Tensor:
         return (gradient(h) - gradient(-h)) / (2 * h)
 
@@ -87,16 +90,22 @@ class InPlaceGradient:
         loss: the loss of the last evaluation (detached).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any,
-                 params: Sequence[Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+        batch: Any,
+        params: Sequence[Tensor] | None = None,
+    ) -> None:
         reshard(model)
         params = [p for p in model.parameters() if p.requires_grad] if params is None else params
         self.model, self.loss_fn, self.batch, self.params = model, loss_fn, batch, list(params)
         self.saved = [local_tensor(p).clone() for p in self.params]
         self.loss: Tensor | None = None
         # FSDP1 also keeps a flat gradient per wrapper, which .backward() accumulates into: cleared and restored too
-        self.holders = self.params + [flat for m in model.modules()
-                                      if (flat := getattr(m, "_flat_param", None)) is not None]
+        self.holders = self.params + [
+            flat for m in model.modules() if (flat := getattr(m, "_flat_param", None)) is not None
+        ]
 
     def __call__(self, pieces: Sequence[Tensor], t: float) -> Tensor:
         grads = [(p, p.grad) for p in self.holders]
@@ -110,11 +119,14 @@ class InPlaceGradient:
             loss = self.loss_fn(self.model, self.batch)
             self.loss = loss.detach()
             loss.backward()
-            return torch.cat([
-                torch.zeros(shard.numel(), device=shard.device, dtype=shard.dtype) if p.grad is None
-                else local_tensor(p.grad).reshape(-1)
-                for p, shard in zip(self.params, shards)
-            ])
+            return torch.cat(
+                [
+                    torch.zeros(shard.numel(), device=shard.device, dtype=shard.dtype)
+                    if p.grad is None
+                    else local_tensor(p.grad).reshape(-1)
+                    for p, shard in zip(self.params, shards)
+                ]
+            )
         finally:
             shards = [local_tensor(p) for p in self.params]
             with torch.no_grad():

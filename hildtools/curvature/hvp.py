@@ -160,8 +160,10 @@ class HessianOperator:
         self.model = unwrap(model)
         self.sharded = model_sharding(self.model)
         if self.sharded is not None and hvp == "autograd":
-            raise ValueError(f"hvp='autograd' is impossible for a sharded ({self.sharded}) model: double backward "
-                             "cannot run through sharded parameters; use hvp='finite_difference' or 'auto'")
+            raise ValueError(
+                f"hvp='autograd' is impossible for a sharded ({self.sharded}) model: double backward "
+                "cannot run through sharded parameters; use hvp='finite_difference' or 'auto'"
+            )
         if self.sharded:
             reshard(self.model)  # so that the registered parameters are the shards
         self.params = trainable_params(self.model, params)
@@ -174,8 +176,11 @@ class HessianOperator:
         self.shapes = [p.shape for p in self.local]
         self.sizes = [p.numel() for p in self.local]
         self.size = sum(self.sizes)
-        self.dimension = round(self.inner(*[torch.ones(self.size, dtype=torch.float64, device=self.device)] * 2)
-                               .item()) if self.sharded else self.size
+        self.dimension = (
+            round(self.inner(*[torch.ones(self.size, dtype=torch.float64, device=self.device)] * 2).item())
+            if self.sharded
+            else self.size
+        )
         self.num_matvecs = 0
         self.batched = True  # matmat in one batched double backward, until an operation refuses
         self.last_error: float = math.nan
@@ -249,9 +254,12 @@ class HessianOperator:
         gap, scale, noise = self._norm(exact - product), self._norm(product), self._norm(error)
         if gap <= max(AGREEMENT * scale, 10 * noise):
             return "autograd"
-        warnings.warn(f"hvp='auto': double backward disagrees with finite differences (relative difference "
-                      f"{gap / max(scale, torch.finfo(torch.float64).tiny):.2g}; e.g. a once_differentiable function "
-                      "drops second-order terms); using finite differences", stacklevel=3)
+        warnings.warn(
+            f"hvp='auto': double backward disagrees with finite differences (relative difference "
+            f"{gap / max(scale, torch.finfo(torch.float64).tiny):.2g}; e.g. a once_differentiable function "
+            "drops second-order terms); using finite differences",
+            stacklevel=3,
+        )
         self.grads = None
         return "finite_difference"
 
@@ -259,15 +267,20 @@ class HessianOperator:
         if not isinstance(preconditioner, Tensor):
             preconditioner = torch.cat([local_tensor(s).reshape(-1) for s in preconditioner])
         if preconditioner.numel() != self.size:
-            raise ValueError(f"preconditioner must have {self.size} entries (one per parameter), "
-                             f"got {preconditioner.numel()}")
+            raise ValueError(
+                f"preconditioner must have {self.size} entries (one per parameter), got {preconditioner.numel()}"
+            )
         return preconditioner.detach().reshape(-1).to(self.device, self.dtype)
 
     @contextlib.contextmanager
     def _evaluation(self) -> Iterator[None]:
         """Grad on (even under inference mode), autocast off, the global RNG forked at its state at construction."""
-        with torch.random.fork_rng(devices=self.rng_devices), torch.inference_mode(False), torch.enable_grad(), \
-                torch.autocast(self.device.type, enabled=False):
+        with (
+            torch.random.fork_rng(devices=self.rng_devices),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(self.device.type, enabled=False),
+        ):
             torch.set_rng_state(self.rng_state[0])
             for device, state in zip(self.rng_devices, self.rng_state[1]):
                 torch.cuda.set_rng_state(state, device)
@@ -284,8 +297,10 @@ class HessianOperator:
             batch = map_tensors(lambda t: t.to(self.dtype) if t.is_floating_point() else t, batch)
         loss = functional_call(self.wrapped, tensors, (batch,), strict=False)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
-                             f"of shape {getattr(loss, 'shape', None)}")
+            raise ValueError(
+                f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                f"of shape {getattr(loss, 'shape', None)}"
+            )
         return loss.reshape(()).to(self.dtype)
 
     @staticmethod
@@ -342,13 +357,20 @@ class HessianOperator:
         pieces = [part.reshape(count, *shape) for part, shape in zip(rows.split(self.sizes, 1), self.shapes)]
         with torch.inference_mode(False), torch.enable_grad():
             products = torch.autograd.grad(
-                [g for _, g in self.grads], self.leaves, grad_outputs=[pieces[i] for i, _ in self.grads],
-                retain_graph=True, allow_unused=True, is_grads_batched=True,
+                [g for _, g in self.grads],
+                self.leaves,
+                grad_outputs=[pieces[i] for i, _ in self.grads],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
             )
-        return torch.cat([
-            (torch.zeros(count, n, device=self.device, dtype=self.dtype) if h is None else h.reshape(count, n))
-            for h, n in zip(products, self.sizes)
-        ], 1)
+        return torch.cat(
+            [
+                (torch.zeros(count, n, device=self.device, dtype=self.dtype) if h is None else h.reshape(count, n))
+                for h, n in zip(products, self.sizes)
+            ],
+            1,
+        )
 
     def _exact(self, vector: Tensor) -> Tensor:
         return self._hvp_autograd(vector) if self.backend == "autograd" else self._hvp_func(vector)
@@ -387,10 +409,12 @@ class HessianOperator:
         """``g(theta + t v)`` on perturbed copies of the parameters (the model's own tensors are not touched)."""
         leaves = [(theta + t * piece).requires_grad_() for theta, piece in zip(self.theta, pieces)]
         grads = torch.autograd.grad(self._loss(leaves), leaves, allow_unused=True)
-        return torch.cat([
-            (torch.zeros(n, device=self.device, dtype=self.dtype) if g is None else g.reshape(-1))
-            for g, n in zip(grads, self.sizes)
-        ])
+        return torch.cat(
+            [
+                (torch.zeros(n, device=self.device, dtype=self.dtype) if g is None else g.reshape(-1))
+                for g, n in zip(grads, self.sizes)
+            ]
+        )
 
     def _hvp_autograd(self, vector: Tensor) -> Tensor:
         pieces = self.split(vector)
@@ -398,13 +422,18 @@ class HessianOperator:
             return torch.zeros_like(vector)
         with torch.inference_mode(False), torch.enable_grad():
             products = torch.autograd.grad(
-                [g for _, g in self.grads], self.leaves, grad_outputs=[pieces[i] for i, _ in self.grads],
-                retain_graph=True, allow_unused=True,
+                [g for _, g in self.grads],
+                self.leaves,
+                grad_outputs=[pieces[i] for i, _ in self.grads],
+                retain_graph=True,
+                allow_unused=True,
             )
-        return torch.cat([
-            (torch.zeros(n, device=self.device, dtype=self.dtype) if h is None else h.reshape(-1))
-            for h, n in zip(products, self.sizes)
-        ])
+        return torch.cat(
+            [
+                (torch.zeros(n, device=self.device, dtype=self.dtype) if h is None else h.reshape(-1))
+                for h, n in zip(products, self.sizes)
+            ]
+        )
 
     def _hvp_func(self, vector: Tensor) -> Tensor:
         theta = torch.cat([p.detach().reshape(-1).to(self.dtype) for p in self.params])

@@ -58,6 +58,7 @@ def local_inner(a: Tensor, b: Tensor) -> Tensor:
 def _norm(vector: Tensor, inner: Inner) -> Tensor:
     return inner(vector, vector).clamp_min(0).sqrt()
 
+
 BASIS_CHUNK = 8
 """Basis vectors per storage block (the basis grows by blocks, never copied)."""
 
@@ -131,8 +132,14 @@ class LanczosProcess:
     on the operator's device.
     """
 
-    def __init__(self, matvec: MatVec, start: Tensor, basis_device: torch.device | str | None = None,
-                 inner: Inner = local_inner, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        matvec: MatVec,
+        start: Tensor,
+        basis_device: torch.device | str | None = None,
+        inner: Inner = local_inner,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.matvec = matvec
         self.inner = inner
         self.size = start.numel()
@@ -205,7 +212,7 @@ class LanczosProcess:
         vectors = torch.zeros(self.size, coefficients.shape[1], device=self.basis_device, dtype=BASIS_DTYPE)
         start = 0
         for block in self._stored():
-            vectors += block.T @ coefficients[start:start + block.shape[0]]
+            vectors += block.T @ coefficients[start : start + block.shape[0]]
             start += block.shape[0]
         vectors = vectors.to(self.device)
         return (vectors / _column_norms(vectors, self.inner)).to(self.dtype)
@@ -231,15 +238,17 @@ def error_bounds(theta: Tensor, residuals: Tensor, tol: float, rounding: float) 
         neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(theta)]
         gap = min((abs(theta[i] - theta[j]) - residuals[j] for j in neighbours), default=-torch.inf)
         trusted = bool(neighbours) and all(
-            residuals[j] <= min(tol * abs(theta[j]), GAP_TRUST * abs(theta[i] - theta[j])) for j in neighbours)
+            residuals[j] <= min(tol * abs(theta[j]), GAP_TRUST * abs(theta[i] - theta[j])) for j in neighbours
+        )
         if trusted and gap > residuals[i]:
             bounds[i] = residuals[i] ** 2 / gap
         kinds.append("gap" if trusted and gap > residuals[i] else "residual")
     return bounds + rounding, tuple(kinds)
 
 
-def start_vector(size: int, init: Tensor | None, generator: torch.Generator, device: torch.device,
-                 inner: Inner = local_inner) -> Tensor:
+def start_vector(
+    size: int, init: Tensor | None, generator: torch.Generator, device: torch.device, inner: Inner = local_inner
+) -> Tensor:
     """Random, or a warm start: the sum of the unit ``init`` columns (previous eigenvectors) plus random noise;
     unit norm, in ``BASIS_DTYPE``."""
     noise = gaussian_vector(size, generator, device, BASIS_DTYPE)
@@ -335,8 +344,9 @@ def lanczos(
             converged = converged and bool(residuals[0] <= max(tol, floor) * scale)
         if not converged:
             confirm_at = None
-        elif confirm_at is None or (process.length >= confirm_at and bool(
-                ((theta[top] - reference).abs() > targets[top]).any())):  # first pass, or a value moved: (re)confirm
+        elif confirm_at is None or (
+            process.length >= confirm_at and bool(((theta[top] - reference).abs() > targets[top]).any())
+        ):  # first pass, or a value moved: (re)confirm
             confirm_at, reference = process.length + math.ceil(CONFIRM_FRACTION * process.length), theta[top]
         elif process.length >= confirm_at:
             break
@@ -348,8 +358,15 @@ def lanczos(
     allowance = (ROUNDING_BOUND * torch.finfo(dtype).eps + inexact) * scale.item()  # rounding, inexact products
     bounds, kinds = error_bounds(theta, residuals, tol, allowance)
     vectors = process.ritz_vectors(coefficients[:, top])
-    result = Eigenpairs(theta[top], vectors, residuals[top], converged, process.length, error_bounds=bounds[top],
-                        bound_kinds=tuple(kinds[i] for i in top.tolist()))
+    result = Eigenpairs(
+        theta[top],
+        vectors,
+        residuals[top],
+        converged,
+        process.length,
+        error_bounds=bounds[top],
+        bound_kinds=tuple(kinds[i] for i in top.tolist()),
+    )
     if smallest:
         result.smallest_eigenvalue = theta[0]
         result.smallest_eigenvector = process.ritz_vectors(coefficients[:, :1])[:, 0]

@@ -44,8 +44,9 @@ def _import_pyhessian() -> Any:
     return hessian
 
 
-def pyhessian_eigenpairs(model: nn.Module, loss_fn: LossFn, batch: Any, k: int, *, tol: float,
-                         max_iter: int) -> Eigenpairs:
+def pyhessian_eigenpairs(
+    model: nn.Module, loss_fn: LossFn, batch: Any, k: int, *, tol: float, max_iter: int
+) -> Eigenpairs:
     """Top-k (largest magnitude) eigenpairs by ``pyhessian.hessian(...).eigenvalues(maxIter, tol, top_n=k)``.
 
     Returns:
@@ -70,8 +71,13 @@ def pyhessian_eigenpairs(model: nn.Module, loss_fn: LossFn, batch: Any, k: int, 
         for p in params:
             p.grad = None
         current_cuda = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=rng_devices), torch.enable_grad(), current_cuda, \
-                torch.autocast(device.type, enabled=False), warnings.catch_warnings():
+        with (
+            torch.random.fork_rng(devices=rng_devices),
+            torch.enable_grad(),
+            current_cuda,
+            torch.autocast(device.type, enabled=False),
+            warnings.catch_warnings(),
+        ):
             # its .backward(create_graph=True) warns of a grad <-> graph cycle; the .grad restore below breaks it
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             computer = hessian(wrapped, lambda loss, _: loss, data=(token, token), cuda=device.type == "cuda")
@@ -85,6 +91,4 @@ def pyhessian_eigenpairs(model: nn.Module, loss_fn: LossFn, batch: Any, k: int, 
             module.train(training)
     columns = [torch.cat([part.detach().reshape(-1) for part in vector]) for vector in vectors]
     nan = torch.full((k,), float("nan"), dtype=torch.float64)
-    return Eigenpairs(torch.tensor(values, dtype=torch.float64), torch.stack(columns, 1), nan, False,
-                      counter[0] - 1)
-
+    return Eigenpairs(torch.tensor(values, dtype=torch.float64), torch.stack(columns, 1), nan, False, counter[0] - 1)

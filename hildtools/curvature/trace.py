@@ -54,9 +54,17 @@ def columns(matvec: MatVec) -> MatMat:
     return lambda block: torch.stack([matvec(column) for column in block.T], 1)
 
 
-def operator_trace(matvec: MatVec, size: int, *, num_samples: int = 30, method: str = "xtrace", seed: int = 0,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                   matmat: MatMat | None = None) -> TraceEstimate:
+def operator_trace(
+    matvec: MatVec,
+    size: int,
+    *,
+    num_samples: int = 30,
+    method: str = "xtrace",
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    matmat: MatMat | None = None,
+) -> TraceEstimate:
     """Trace of the symmetric operator ``matvec`` from ``num_samples`` products (see the module docstring);
     ``matmat(V) = H V`` multiplies blocks of probes at once where given. XTrace uses an even number of products
     (``num_samples`` rounded down).
@@ -129,7 +137,17 @@ def hessian_trace(
     check_int("num_samples", num_samples, MIN_SAMPLES[method])
     operator = HessianOperator(model, loss_fn, batch, params=params, backend=backend, hvp=hvp, dtype=dtype)
     if operator.sharded:
-        raise ValueError("hessian_trace does not support sharded (FSDP) models yet: XTrace and Hutch++ "
-                         "orthogonalise their sketches with QR factorisations of whole vectors")
-    return operator_trace(operator.matvec, operator.size, num_samples=num_samples, method=method, seed=seed,
-                          device=operator.device, dtype=operator.dtype, matmat=operator.matmat)
+        raise ValueError(
+            "hessian_trace does not support sharded (FSDP) models yet: XTrace and Hutch++ "
+            "orthogonalise their sketches with QR factorisations of whole vectors"
+        )
+    return operator_trace(
+        operator.matvec,
+        operator.size,
+        num_samples=num_samples,
+        method=method,
+        seed=seed,
+        device=operator.device,
+        dtype=operator.dtype,
+        matmat=operator.matmat,
+    )

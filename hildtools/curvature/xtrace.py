@@ -45,7 +45,6 @@ def xtrace(matmat: MatMat, probes: Tensor) -> tuple[float, float]:
     weights = (duals * coordinates).sum(0)  # s_i^T Q^T w_i
     deflated = probes64 - basis @ coordinates + basis @ (duals * weights)  # u_i
     deflated_products = products64 - projected @ coordinates + projected @ (duals * weights)  # H u_i
-    estimates = (torch.trace(compressed) - (duals * (compressed @ duals)).sum(0)
-                 + (deflated * deflated_products).sum(0))
+    estimates = torch.trace(compressed) - (duals * (compressed @ duals)).sum(0) + (deflated * deflated_products).sum(0)
     error = (estimates.std() / math.sqrt(count)).item() if count > 1 else math.nan
     return estimates.mean().item(), error

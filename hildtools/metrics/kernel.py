@@ -144,7 +144,9 @@ def relative_change(kernel: Tensor, reference: Tensor) -> Tensor:
     """``||K_t - K_0||_F / ||K_0||_F`` (``reference`` = K_0; NaN when it is zero)."""
     kernel, reference = _check_kernel(kernel), _check_kernel(reference, "reference")
     if kernel.shape != reference.shape:
-        raise ValueError(f"the kernels must have the same shape, got {tuple(kernel.shape)} and {tuple(reference.shape)}")
+        raise ValueError(
+            f"the kernels must have the same shape, got {tuple(kernel.shape)} and {tuple(reference.shape)}"
+        )
     return _divide(torch.linalg.norm(kernel - reference), torch.linalg.norm(reference))
 
 

@@ -179,8 +179,15 @@ def _neural_collapse_update(
 
 def _zero_stats(num_classes: int, num_features: int, device: torch.device | None = None) -> dict[str, Tensor]:
     """Empty fp64 statistics: counts, sums, squares, scatter (k = min(C, D)), mismatches, predicted, nonfinite."""
-    shapes = {"counts": (num_classes,), "sums": (num_classes, num_features), "squares": (num_classes,),
-              "scatter": (min(num_classes, num_features),), "mismatches": (), "predicted": (), "nonfinite": ()}
+    shapes = {
+        "counts": (num_classes,),
+        "sums": (num_classes, num_features),
+        "squares": (num_classes,),
+        "scatter": (min(num_classes, num_features),),
+        "mismatches": (),
+        "predicted": (),
+        "nonfinite": (),
+    }
     return {name: torch.zeros(shapes[name], dtype=torch.float64, device=device) for name in _STAT_NAMES}
 
 
@@ -261,9 +268,7 @@ def _neural_collapse_compute(
 ) -> dict[str, Tensor]:
     """Neural-collapse measures from accumulated statistics (see the module docstring)."""
     if stats["nonfinite"] > 0:
-        warnings.warn(
-            f"neural collapse skipped: {int(stats['nonfinite'])} feature rows contain NaN/inf", stacklevel=3
-        )
+        warnings.warn(f"neural collapse skipped: {int(stats['nonfinite'])} feature rows contain NaN/inf", stacklevel=3)
         return {}
     present = stats["counts"] > 0
     num_present = int(present.sum())
