@@ -212,7 +212,8 @@ def main():
                 lines.append(
                     f"| top-{k} at {target:g} | {ours[0]:g}, {ours[1]}, {ours[2]:.1e} | {plain_hvps}, "
                     f"{error(plain_values, truth, k):.1e} | ({peer[0][0]:g}, {peer[0][1] or 'default'}), {peer[1]}, "
-                    f"{peer[2]:.1e} | {peer[1] / ours[1]:.2f}x | {t_ours:.3f} | {t_peer:.3f} | **{t_peer / t_ours:.2f}x** |"
+                    f"{peer[2]:.1e} | {peer[1] / ours[1]:.2f}x | {t_ours:.3f} | {t_peer:.3f} | "
+                    f"**{t_peer / t_ours:.2f}x** |"
                 )
                 print(lines[-1], flush=True)
         # trace

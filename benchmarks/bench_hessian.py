@@ -181,11 +181,15 @@ def main():
     batch = digits(args.n, device)
     import pyhessian  # noqa: F401  (fail early when missing)
 
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    )
     lines = [
         "# Hessian eigenvalues: hildtools Lanczos vs PyHessian power iteration",
         "",
-        f"Date {datetime.date.today()}; device {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()} "
-        f"({device.type}, {torch.get_num_threads()} threads); torch {torch.__version__}; Python {platform.python_version()}; "
+        f"Date {datetime.date.today()}; device {device_name} "
+        f"({device.type}, {torch.get_num_threads()} threads); torch {torch.__version__}; "
+        f"Python {platform.python_version()}; "
         f"pyhessian 0.1. Command: `python benchmarks/bench_hessian.py --device {args.device} --n {args.n} "
         f"--width {args.width} --steps {args.steps} --delta {args.delta} --seeds {args.seeds}`.",
         "",

@@ -10,8 +10,8 @@ convention gives the same kernel), n = 256 random inputs, kernel convention ``"s
 1. naive: ``torch.autograd.grad`` of each example's output (C backward passes per example), the gradients stored as
    the n x C x P Jacobian, then ``K = sum_a J_a J_a^T`` (products in fp64, as ours; and in fp32, as often written).
 2. ``empirical_ntk`` with its default chunk (the rows fitting 1 GiB) and fp64 products (default) or fp32 products,
-   then a sweep of ``chunk_size`` (fp32 products): peak memory follows the chunk (about 2 x chunk_size x P x 4 bytes plus activations; chunk_size counts Jacobian rows, i.e.
-   example-output pairs), not n x P.
+   then a sweep of ``chunk_size`` (fp32 products): peak memory follows the chunk (about 2 x chunk_size x P x 4 bytes
+   plus activations; chunk_size counts Jacobian rows, i.e. example-output pairs), not n x P.
 3. the forward-only sketch (``method="sketch"``, ``sketch_dim`` = 512 by default) and its relative Frobenius error.
 
 ``--transformer`` runs the language-model benchmark instead (:func:`transformer_benchmark`): a 2-layer GPT-2.
@@ -186,8 +186,15 @@ def monitor_measurement_seconds(model, ids, **monitor_args):
 
     def fit(callbacks):
         loader = DataLoader(TensorDataset(ids, ids), batch_size=len(ids))
-        trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, callbacks=callbacks,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer = pl.Trainer(
+            max_steps=1,
+            accelerator="cpu",
+            logger=False,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         start = time.perf_counter()
         trainer.fit(LanguageModel(), loader)
         return time.perf_counter() - start
@@ -213,11 +220,16 @@ def transformer_benchmark(args):
     ours_masked, kernel_masked = seconds(lambda: empirical_ntk(model, masked, output="auto"), args.repeats)
     k = 64
     sketch, kernel_sketch = seconds(lambda: empirical_ntk(model, ids, output="auto", method="sketch", sketch_dim=k), 1)
-    rows = [("naive per-example loop (autograd.grad per example)", naive, reference),
-            ("empirical_ntk(output='auto'), input_ids (vmap over examples)", ours, kernel),
-            ("empirical_ntk(output='auto'), dict with attention_mask (per-example fallback)", ours_masked, kernel_masked),
-            (f"empirical_ntk(output='auto', method='sketch', sketch_dim={k}): {2 * k} forwards, no backward", sketch,
-             kernel_sketch)]  # fmt: skip
+    rows = [
+        ("naive per-example loop (autograd.grad per example)", naive, reference),
+        ("empirical_ntk(output='auto'), input_ids (vmap over examples)", ours, kernel),
+        ("empirical_ntk(output='auto'), dict with attention_mask (per-example fallback)", ours_masked, kernel_masked),
+        (
+            f"empirical_ntk(output='auto', method='sketch', sketch_dim={k}): {2 * k} forwards, no backward",
+            sketch,
+            kernel_sketch,
+        ),
+    ]
     # the exact "sum" over positions x vocabulary (the old default): time 256 Jacobian rows, extrapolate to n*T*V
     from hildtools.metrics.ntk import TangentModel
 
@@ -231,22 +243,28 @@ def transformer_benchmark(args):
         "# empirical NTK on a 2-layer GPT-2 (cpu)",
         "",
         (
-            f"Command: `OMP_NUM_THREADS={args.threads} python benchmarks/bench_ntk.py --transformer --threads {args.threads} "
+            f"Command: `OMP_NUM_THREADS={args.threads} python benchmarks/bench_ntk.py --transformer "
+            f"--threads {args.threads} "
             f"--n {args.n} --length {args.length} --repeats {args.repeats}`"
         ),
         "",
         (
-            f"- date: {datetime.date.today()}; device: 2-core CPU, shared, no GPU ({platform.processor() or platform.machine()}); "
+            f"- date: {datetime.date.today()}; device: 2-core CPU, shared, no GPU "
+            f"({platform.processor() or platform.machine()}); "
             f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min; other jobs ran); "
             f"torch {torch.__version__}; python {platform.python_version()}; CPU threads: {args.threads}"
         ),
         (
-            f"- model: GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=64), {params:,} parameters; "
+            f"- model: GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=64), "
+            f"{params:,} parameters; "
             f"n = {args.n} sequences of T = {args.length} tokens; C = T x V = {outputs:,} outputs per example"
         ),
         f"- time: median of {args.repeats} runs after a warm-up",
         "",
-        "| method (kernel: seeded projection over positions x vocabulary) | time (s) | speed-up vs naive | rel. error vs naive |",
+        (
+            "| method (kernel: seeded projection over positions x vocabulary) | time (s) | speed-up vs naive "
+            "| rel. error vs naive |"
+        ),
         "|---|---|---|---|",
     ]
     for label, elapsed, result in rows:
@@ -255,13 +273,16 @@ def transformer_benchmark(args):
     lines += [
         "",
         (
-            f"One NTKAlignmentMonitor measurement at its defaults (probe_size = {args.n}, output='auto') in a Lightning fit: "
+            f"One NTKAlignmentMonitor measurement at its defaults (probe_size = {args.n}, output='auto') "
+            f"in a Lightning fit: "
             f"{monitor:.2f} s (1-step fit with the monitor minus without); logged: {sorted(metrics)}."
         ),
         "",
         (
-            f"The exact 'sum' over positions and vocabulary (the default before 'auto'): 256 Jacobian rows of one example "
-            f"took {row_seconds:.3f} s, so the {jacobian_rows:,} rows take about {row_seconds * jacobian_rows / 256:,.0f} s, "
+            f"The exact 'sum' over positions and vocabulary (the default before 'auto'): "
+            f"256 Jacobian rows of one example "
+            f"took {row_seconds:.3f} s, so the {jacobian_rows:,} rows take about "
+            f"{row_seconds * jacobian_rows / 256:,.0f} s, "
             f"and their n x n Gram product n^2 C P = {gram_flops:.1e} multiply-adds; within the 1 GiB default chunk "
             f"({tangent.default_chunk_size():,} rows, one example each) the pairs of chunks recompute the rows "
             f"{args.n + 1} / 2 times over: hours, which is why the old default never finished."
@@ -306,6 +327,9 @@ def main():
     model, _ = make_problem(args, torch.device("cpu"))
     params = sum(p.numel() for p in model.parameters())
     naive = results["naive_fp64"]["seconds"]
+    peak_counter = (
+        "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS, reset before the run"
+    )
 
     device = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
@@ -323,10 +347,13 @@ def main():
         ),
         (
             f"- time: median of {args.repeats} runs after a warm-up; peak: extra memory over model + data "
-            f"({'torch.cuda.max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS, reset before the run'})"
+            f"({peak_counter})"
         ),
         "",
-        "| method | time (s) | speed-up vs naive (fp64 products) | peak extra memory (MiB) | rel. error vs naive fp64 |",
+        (
+            "| method | time (s) | speed-up vs naive (fp64 products) | peak extra memory (MiB) "
+            "| rel. error vs naive fp64 |"
+        ),
         "|---|---|---|---|---|",
     ]
     for name in names:
@@ -349,7 +376,8 @@ def main():
             f"Sketch error, stated vs measured (k = {args.sketch_dim}): relative Frobenius error "
             f"sqrt((1 + tr(K)^2/||K||_F^2)/k) = {((1 + ratio) / args.sketch_dim) ** 0.5:.3f} (participation ratio "
             f"{ratio:.1f}) vs {float((sketch - reference).norm() / reference.norm()):.3f}; diagonal relative error "
-            f"sqrt(2/k) = {(2 / args.sketch_dim) ** 0.5:.4f} vs {float(((sketch.diagonal() / diagonal - 1) ** 2).mean().sqrt()):.4f} (rms)."
+            f"sqrt(2/k) = {(2 / args.sketch_dim) ** 0.5:.4f} vs "
+            f"{float(((sketch.diagonal() / diagonal - 1) ** 2).mean().sqrt()):.4f} (rms)."
         ),
     ]
     print("\n".join(lines))

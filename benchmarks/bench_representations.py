@@ -201,8 +201,13 @@ def invariant_sets_child(device_name: str, width: int, chunk_size: int) -> None:
 
 def bench_invariant_sets(device: torch.device, quick: bool) -> list[str]:
     width = 1024 if quick else 4096
-    rows = [f"### invariant_sets on a {width:,}-neuron layer (Linear {width} -> {width} -> {width}, vectors of "
-            f"{2 * width + 1:,} entries)", "", "| chunk_size | time (s, after a warm-up call) | peak extra memory (MB) |", "|---|---|---|"]  # fmt: skip
+    rows = [
+        f"### invariant_sets on a {width:,}-neuron layer (Linear {width} -> {width} -> {width}, vectors of "
+        f"{2 * width + 1:,} entries)",
+        "",
+        "| chunk_size | time (s, after a warm-up call) | peak extra memory (MB) |",
+        "|---|---|---|",
+    ]
     for chunk_size in (128, 256, 512):
         command = [sys.executable, __file__, "--child", str(device), str(width), str(chunk_size)]
         result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])

@@ -1,8 +1,8 @@
 """Token-level neural collapse: cost of one NeuralCollapseMonitor measurement on a tiny GPT-2, and the memory and
 time of NeuralCollapse at a GPT-2 vocabulary (C = 50,257, D = 768).
 
-Run from the repository root: ``OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/bench_token_collapse.py``; results go to
-``benchmarks/results/token_collapse_cpu.md`` by hand.
+Run from the repository root: ``OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/bench_token_collapse.py``; results go
+to ``benchmarks/results/token_collapse_cpu.md`` by hand.
 """
 
 from __future__ import annotations

@@ -128,10 +128,16 @@ def run(init_scale: float | None, args, name: str, seed: int) -> list[dict]:
     monitor = NTKAlignmentMonitor(every_n_steps=args.every, probe_data=(x, y))
     history = History(monitor)
     trainer = pl.Trainer(
-        max_epochs=1, accelerator=args.accelerator, devices=1, callbacks=[monitor, history],
-        logger=make_logger(args.out, f"{name}_seed{seed}", args.wandb), enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=False, log_every_n_steps=args.every,
-    )  # fmt: skip
+        max_epochs=1,
+        accelerator=args.accelerator,
+        devices=1,
+        callbacks=[monitor, history],
+        logger=make_logger(args.out, f"{name}_seed{seed}", args.wandb),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        log_every_n_steps=args.every,
+    )
     trainer.fit(model, DataLoader(FullBatches(x, y, args.steps + 1), batch_size=None))
     finish_wandb(args.wandb)
     final = history.kernels[-1]

@@ -17,9 +17,9 @@ and across the two learning rates
      of the learning rates (a threshold-independent plateau would fail this);
   4. token-level NC1 at the end of the larger learning rate's run is below half its value at initialisation.
 
-    python examples/transformer_lm.py                     # lr 1e-3 and 5e-4, 300 steps each; ~1 min on a quiet 2-core CPU
-    python examples/transformer_lm.py --seeds 3           # mean and spread over seeds 0, 1, 2
-    python examples/transformer_lm.py --tiny              # seconds; used by the tests
+    python examples/transformer_lm.py               # lr 1e-3 and 5e-4, 300 steps each; ~1 min on a quiet 2-core CPU
+    python examples/transformer_lm.py --seeds 3     # mean and spread over seeds 0, 1, 2
+    python examples/transformer_lm.py --tiny        # seconds; used by the tests
 """
 
 from __future__ import annotations

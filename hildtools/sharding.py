@@ -4,7 +4,8 @@ Two kinds of fully sharded data parallelism are supported:
 
 - ``"fsdp"``: Lightning's ``FSDPStrategy`` (``torch.distributed.fsdp.FullyShardedDataParallel``, "FSDP1"). The
   LightningModule sits inside a root wrapper and auto-wrapped layers inside their own wrappers, which add
-  ``_fsdp_wrapped_module`` to module names; :func:`hildtools.unwrapping.clean_name` removes it, so names match the unwrapped model.
+  ``_fsdp_wrapped_module`` to module names; :func:`hildtools.unwrapping.clean_name` removes it, so names match the
+  unwrapped model.
 - ``"fsdp2"``: Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size=1`` and ``fully_shard`` applied in
   ``configure_model`` ("FSDP2"); parameters are sharded ``DTensor``s, module names are unchanged.
 

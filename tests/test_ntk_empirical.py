@@ -117,7 +117,9 @@ def test_linear_model_gives_gram_of_inputs_exactly(bias, output):
     gram = x @ x.T + (1 if bias else 0)
     expected = {
         "sum": 3 * gram, "mean": gram, "index": gram, "full": torch.kron(gram, torch.eye(3, dtype=torch.float64)),
-        "projection": gram * (torch.randn(3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 2).sum(),
+        "projection": (
+            gram * (torch.randn(3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 2).sum()
+        ),
     }[output]  # fmt: skip
     kernel = empirical_ntk(model, x, output=output, output_index=0 if output == "index" else None)
     if output == "projection":

@@ -64,8 +64,8 @@ def test_sketch_of_a_multi_output_kernel_has_the_stated_mean_and_variance():
     jacobian = explicit_jacobian(model, x)
     gram = torch.einsum("iap,jbp->ijab", jacobian, jacobian)  # G_ij
     exact = torch.einsum("ijaa->ij", gram)
-    variance = (torch.einsum("iab,jab->ij", gram.diagonal(dim1=0, dim2=1).permute(2, 0, 1),
-                             gram.diagonal(dim1=0, dim2=1).permute(2, 0, 1)) + gram.square().sum((2, 3))) / k  # fmt: skip
+    diagonal_blocks = gram.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # G_ii, (n, C, C)
+    variance = (torch.einsum("iab,jab->ij", diagonal_blocks, diagonal_blocks) + gram.square().sum((2, 3))) / k
     sketches = torch.stack([empirical_ntk(model, x, method="sketch", sketch_dim=k, seed=s) for s in seeds])
     standard_error = (variance / len(seeds)).sqrt()
     assert ((sketches.mean(0) - exact).abs() / standard_error).max() < 4.5  # unbiased

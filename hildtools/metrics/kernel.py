@@ -62,7 +62,8 @@ def target_matrix(y: Tensor, num_classes: int | None = None) -> Tensor:
 
 
 def _targets_for(size: int, y: Tensor) -> tuple[Tensor, int]:
-    """The target matrix for a kernel of ``size`` rows, and C (1 for an n x n kernel, else the outputs of a full one)."""
+    """The target matrix for a kernel of ``size`` rows, and C (1 for an n x n kernel, else the outputs of a full
+    one)."""
     n = len(y)
     if size == n:
         return target_matrix(y), 1

@@ -259,7 +259,8 @@ class TangentModel:
 
     # -- Jacobian rows --------------------------------------------------------------------------------------------
     def rows(self, examples: range, outputs: range) -> list[Tensor]:
-        """``d (f(x_i) @ S)_a / d theta`` for i in ``examples``, a in ``outputs``: one (b, a, P_p) tensor per parameter."""
+        """``d (f(x_i) @ S)_a / d theta`` for i in ``examples``, a in ``outputs``: one (b, a, P_p) tensor per
+        parameter."""
         b, a = len(examples), len(outputs)
         with torch.inference_mode(False), torch.enable_grad():
             if self.coupled:
