@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.modules.batchnorm import _NormBase
 
 from hildtools._checks import check_choice, check_int
 from hildtools.batches import (
@@ -45,6 +44,7 @@ from hildtools.batches import (
     slice_batch,
 )
 from hildtools.distributed import is_distributed, unwrap
+from hildtools.norm_layers import BATCH_NORMS, RUNNING_STAT_NORMS
 
 BN_MODES = ("eval", "train")
 
@@ -236,7 +236,7 @@ class Probe:
         module = unwrap(module)
         device = module_device(module)
         modes = [(m, m.training) for m in module.modules()]
-        norms = [m for m in module.modules() if isinstance(m, _NormBase)]
+        norms = [m for m in module.modules() if isinstance(m, RUNNING_STAT_NORMS)]
         saved_buffers = [
             (buf, buf.detach().clone()) for m in norms for buf in m.buffers(recurse=False) if buf is not None
         ]
@@ -252,7 +252,7 @@ class Probe:
                 module.eval()
                 if self.bn_mode == "train":
                     for m in norms:
-                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        if isinstance(m, BATCH_NORMS):
                             m.train()
                 yield module
             finally:

@@ -84,3 +84,18 @@ def test_state_key_keeps_lightnings_format_without_its_protected_helper(make):
     monitor = make()
     fields = {"every_n_steps": monitor.every_n_steps, "every_n_epochs": monitor.every_n_epochs, **monitor.key_fields()}
     assert monitor.state_key == pl.Callback._generate_state_key(monitor, **fields)
+
+
+def test_norm_layer_tuples_cover_torchs_private_bases():
+    """hildtools names normalisation layers by public classes (hildtools.norm_layers); every torch.nn layer built
+    on the private bases it replaces must be covered."""
+    from torch.nn.modules import batchnorm
+
+    from hildtools.norm_layers import BATCH_NORMS, RUNNING_STAT_NORMS
+
+    layers = [c for c in vars(nn).values() if isinstance(c, type) and issubclass(c, nn.Module)]
+    for private, public in (("_NormBase", RUNNING_STAT_NORMS), ("_BatchNorm", BATCH_NORMS)):
+        base = getattr(batchnorm, private, None)
+        if base is None:  # torch renamed its private base: nothing left to compare against
+            continue
+        assert all(issubclass(c, public) for c in layers if issubclass(c, base)), private

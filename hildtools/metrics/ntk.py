@@ -72,6 +72,7 @@ from hildtools._checks import check_choice, check_int
 from hildtools.batches import batch_size, map_tensors
 from hildtools.distributed import all_reduce_mean, is_distributed
 from hildtools.metrics.ntk_sketch import SKETCH_DIM, sketched_jacobian
+from hildtools.norm_layers import BATCH_NORMS
 
 OUTPUTS = ("sum", "mean", "index", "projection", "full", "auto")
 METHODS = ("exact", "sketch")
@@ -158,10 +159,7 @@ def kernel_from_sketch(sketched: Tensor, output: str, num_outputs: int) -> Tenso
 
 def couples_examples(model: nn.Module) -> bool:
     """True when a BatchNorm normalises with batch statistics (train mode or no running statistics)."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
-        for m in model.modules()
-    )
+    return any(isinstance(m, BATCH_NORMS) and (m.training or m.running_mean is None) for m in model.modules())
 
 
 def upcast(tensor: Tensor) -> Tensor:

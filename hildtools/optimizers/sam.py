@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from hildtools._checks import check_flag, check_number
+from hildtools.norm_layers import RUNNING_STAT_NORMS
 from hildtools.optimizers._common import (
     accumulation_dtype,
     by_device_and_dtype,
@@ -66,7 +66,7 @@ class SAM(Optimizer):
     perturbed as the pair of its real and imaginary parts (``||g||`` sums ``|g|^2``).
 
     ``model`` (optional, also settable as ``sam.model``) makes ``step`` correct for models with
-    state in the forward pass: BatchNorm (any ``_NormBase``) running statistics are restored after
+    state in the forward pass: BatchNorm (any layer with running statistics) running statistics are restored after
     the second pass, so they move once per step; and if ``model`` is a ``DistributedDataParallel``,
     the first pass runs under ``model.no_sync()``, so each rank perturbs along its own gradient, as
     in the paper (the second pass is synchronised as usual; weights stay equal across ranks because
@@ -316,7 +316,7 @@ def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
     """Restore the running statistics of every normalization layer of ``model`` on exit.
 
     Use it around SAM's second forward **and backward** pass in a manual loop, so BatchNorm (and any
-    ``_NormBase``: SyncBatchNorm, InstanceNorm with tracking) statistics move once per step. The
+    layers with running statistics: SyncBatchNorm, InstanceNorm with tracking) statistics move once per step. The
     backward must run inside the block: autograd saved the statistics, and restoring them in place
     before the backward fails its version check. The layers stay in their mode (batch statistics
     are still used for normalization in training mode).
@@ -327,7 +327,7 @@ def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
     buffers = [
         buffer
         for module in model.modules()
-        if isinstance(module, _NormBase) and module.track_running_stats
+        if isinstance(module, RUNNING_STAT_NORMS) and module.track_running_stats
         for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
         if buffer is not None
     ]
