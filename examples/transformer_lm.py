@@ -18,13 +18,12 @@ and across the two learning rates
   4. token-level NC1 at the end of the larger learning rate's run is below half its value at initialisation.
 
     python examples/transformer_lm.py               # lr 1e-3 and 5e-4, 300 steps each; ~1 min on a quiet 2-core CPU
-    python examples/transformer_lm.py --seeds 3     # mean and spread over seeds 0, 1, 2
+    python examples/transformer_lm.py --seeds 3     # mean ± std over seeds 0, 1, 2
     python examples/transformer_lm.py --tiny        # seconds; used by the tests
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from phenomena_common import combine, mean_spread, parser_for, pyplot, report, require, save_figure, seed_list
 from torch.utils.data import DataLoader
 
 from hildtools.callbacks import EdgeOfStabilityMonitor, NeuralCollapseMonitor
@@ -155,43 +155,52 @@ def plateau(rows: list[tuple]) -> tuple[float, float]:
     return statistics.median(s / t for _, _, s, t in tail), statistics.median(s for _, _, s, _ in tail)
 
 
-def verdict(runs: dict[float, list[tuple]], nc1: list[tuple]) -> tuple[bool, list[str]]:
-    """PASS/FAIL against criteria 1-4 of the module docstring, from the EoS rows of each learning rate and the NC1
-    history of the larger one; returns (passed, one line per criterion)."""
-    lines, passed = [], True
-    for lr, rows in runs.items():
-        first = rows[0][2] / rows[0][3]
-        median_ratio, _ = plateau(rows)
-        ok_start, ok_plateau = first < 0.8, 0.8 <= median_ratio <= 1.25
-        passed &= ok_start and ok_plateau
-        lines.append(
-            f"lr {lr:g}: first measurement {first:.2f} x threshold (< 0.8: {ok_start}); second-half median "
-            f"{median_ratio:.2f} x threshold 38/lr = {rows[0][3]:.4g} (in [0.8, 1.25]: {ok_plateau})"
-        )
+def summary(runs: dict[float, list[tuple]], nc1: list[tuple]) -> dict:
+    """The numbers the criteria judge: per lr the first ratio and the second-half median ratio, the plateau ratio
+    between the two lrs relative to the 1/lr prediction, and NC1 at the end relative to the start (larger lr)."""
     (lr_a, rows_a), (lr_b, rows_b) = sorted(runs.items())[:2]
-    scaling = (plateau(rows_a)[1] / plateau(rows_b)[1]) / (lr_b / lr_a)
-    ok_scaling = 0.75 <= scaling <= 1.25
-    passed &= ok_scaling
-    lines.append(
-        f"plateau ratio between lr {lr_a:g} and {lr_b:g} is {scaling:.2f} x the 1/lr prediction "
-        f"(in [0.75, 1.25]: {ok_scaling})"
-    )
-    ok_collapse = nc1[-1][1] < 0.5 * nc1[0][1]
-    passed &= ok_collapse
-    lines.append(
-        f"token-level NC1 went from {nc1[0][1]:.3g} (step 0) to {nc1[-1][1]:.3g} (step {nc1[-1][0]}) at lr "
-        f"{lr_b:g} (below half: {ok_collapse})"
-    )
-    return passed, lines
+    return {
+        "first": {lr: rows[0][2] / rows[0][3] for lr, rows in runs.items()},
+        "median": {lr: plateau(rows)[0] for lr, rows in runs.items()},
+        "scaling": (plateau(rows_a)[1] / plateau(rows_b)[1]) / (lr_b / lr_a),
+        "nc1_ratio": nc1[-1][1] / nc1[0][1],
+    }
 
 
-def plot(runs: dict[float, list[tuple]], nc1: list[tuple], path: str) -> None:
-    import matplotlib
+def criteria(runs: dict[float, list[tuple]], nc1: list[tuple]) -> list[tuple[str, bool]]:
+    """Criteria 1-4 of the module docstring, from the EoS rows of each lr and the NC1 history of the larger one."""
+    numbers = summary(runs, nc1)
+    checks = []
+    for lr in runs:
+        checks += [
+            (f"lr {lr:g}: first sharpness below 0.8 x 38/lr", numbers["first"][lr] < 0.8),
+            (f"lr {lr:g}: median sharpness / (38/lr) over the second half in [0.8, 1.25]",
+             0.8 <= numbers["median"][lr] <= 1.25),
+        ]  # fmt: skip
+    checks += [
+        ("the plateau follows 38/lr: plateau ratio within [0.75, 1.25] x the inverse lr ratio",
+         0.75 <= numbers["scaling"] <= 1.25),
+        ("token-level NC1 at the end below half its value at initialisation (larger lr)", numbers["nc1_ratio"] < 0.5),
+    ]  # fmt: skip
+    return checks
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (top, bottom, collapse) = plt.subplots(3, 1, figsize=(6, 7.5), sharex=True)
+def numbers_text(summaries: list[dict]) -> str:
+    """The headline numbers as mean ± std over seeds."""
+    lrs = list(summaries[0]["first"])
+    parts = [
+        f"lr {lr:g}: sharpness / (38/lr) first {mean_spread([s['first'][lr] for s in summaries], '.2f')}, "
+        f"second-half median {mean_spread([s['median'][lr] for s in summaries], '.2f')}"
+        for lr in lrs
+    ]
+    parts.append(f"plateau ratio / (1/lr prediction) {mean_spread([s['scaling'] for s in summaries], '.2f')}")
+    parts.append(f"NC1 end / start {mean_spread([s['nc1_ratio'] for s in summaries], '.2f')}")
+    return "; ".join(parts)
+
+
+def plot(runs: dict[float, list[tuple]], nc1: list[tuple], out: str) -> str:
+    plt = pyplot()
+    figure, (top, bottom, collapse) = plt.subplots(3, 1, figsize=(6, 7.5), sharex=True, layout="constrained")
     for (lr, rows), color in zip(sorted(runs.items()), ["C0", "C1", "C2"]):
         steps = [r[0] for r in rows]
         top.plot(steps, [r[1] for r in rows], color=color, label=f"lr {lr:g}")
@@ -202,42 +211,32 @@ def plot(runs: dict[float, list[tuple]], nc1: list[tuple], path: str) -> None:
     bottom.set(ylabel="preconditioned sharpness", yscale="log")
     bottom.legend(fontsize=8, ncol=2)
     collapse.plot([s for s, _ in nc1], [v for _, v in nc1], "o-", color="C1")
-    collapse.set(xlabel="step", ylabel="token-level NC1", yscale="log")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    collapse.set(xlabel="step", ylabel="token-level NC1 (larger lr)", yscale="log")
+    return save_figure(figure, out, "transformer_lm.png")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = parser_for(__doc__, "outputs/transformer_lm")
     parser.add_argument("--lrs", type=float, nargs=2, default=[1e-3, 5e-4], help="two Adam learning rates")
     parser.add_argument("--steps", type=int, default=300, help="full-batch steps per learning rate")
     parser.add_argument("--num-sequences", type=int, default=128, help="training sequences (the full batch)")
     parser.add_argument("--length", type=int, default=32, help="bytes per sequence")
     parser.add_argument("--every-n-steps", type=int, default=10, help="steps between sharpness measurements")
-    parser.add_argument("--seed", type=int, default=0, help="first seed")
-    parser.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...)")
-    parser.add_argument("--out", default="outputs/transformer_lm", help="folder for the figure")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long run (for the tests)")
     args = parser.parse_args(argv)
+    require("transformers", "transformers")
     if args.tiny:
         args.steps, args.num_sequences, args.lrs = 200, 64, [2e-3, 1e-3]
-    results = []
-    for seed in range(args.seed, args.seed + args.seeds):
+    per_seed, summaries = [], []
+    for seed in seed_list(args):
         histories = {
             lr: run(lr, args.steps, args.num_sequences, args.length, args.every_n_steps, seed) for lr in args.lrs
         }
         runs = {lr: history.rows for lr, history in histories.items()}
         nc1 = histories[max(args.lrs)].nc1
-        passed, lines = verdict(runs, nc1)
-        results.append(passed)
-        print(f"seed {seed}: " + ("PASS" if passed else "FAIL"))
-        for line in lines:
-            print("  " + line)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "transformer_lm.png")
-    plot(runs, nc1, path)
-    print(f"VERDICT transformer_lm: {'PASS' if all(results) else 'FAIL'} ({sum(results)} of {len(results)} seeds)")
-    print(f"figure: {path}")
+        per_seed.append(criteria(runs, nc1))
+        summaries.append(summary(runs, nc1))
+    figure = plot(runs, nc1, args.out)
+    report("transformer_lm", combine(per_seed), numbers_text(summaries), figure, seed_list(args))
 
 
 if __name__ == "__main__":
