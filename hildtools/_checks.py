@@ -1,9 +1,13 @@
-"""Argument checks shared across hildtools: a ValueError naming the argument and the accepted range."""
+"""Argument checks shared across hildtools (monitors, metrics, curvature and optimizers): a ValueError naming the
+argument and the accepted range, or a TypeError naming it for a value of the wrong kind."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -51,8 +55,6 @@ def check_schedule(every_n_steps: Any, every_n_epochs: Any) -> None:
 
 def check_matrix(name: str, value: Any) -> Any:
     """``value`` if it is a 2-D tensor (rows are examples), else a ValueError naming ``name``."""
-    import torch
-
     if not isinstance(value, torch.Tensor) or value.dim() != 2:
         raise ValueError(f"{name} must be a (N, D) tensor, got {getattr(value, 'shape', type(value))}")
     return value
@@ -69,10 +71,7 @@ def check_number(
         TypeError: ``value`` is not a real number.
         ValueError: ``value`` is outside the interval, or not finite.
     """
-    # imported here, not at the top: this block is appended to a module others edit
-    from torch import Tensor
-
-    if isinstance(value, Tensor):
+    if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must have one element, got shape {tuple(value.shape)}")
         number = float(value)  # construction time only, never in a step
@@ -94,8 +93,6 @@ def check_beta(name: str, value: Any) -> None:
 
 def check_betas(betas: Any) -> None:
     """Raise unless ``betas`` is a pair of coefficients in ``[0, 1)``."""
-    from collections.abc import Sequence
-
     if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     check_beta("betas[0]", betas[0])
