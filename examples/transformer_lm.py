@@ -17,7 +17,7 @@ and across the two learning rates
      of the learning rates (a threshold-independent plateau would fail this);
   4. token-level NC1 at the end of the larger learning rate's run is below half its value at initialisation.
 
-    python examples/transformer_lm.py               # lr 1e-3 and 5e-4, 500 steps each; ~2 CPU minutes
+    python examples/transformer_lm.py               # lr 1e-3 and 5e-4, 500 steps each; ~3 CPU minutes
     python examples/transformer_lm.py --seeds 3     # mean ± std over seeds 0, 1, 2
     python examples/transformer_lm.py --tiny        # seconds; used by the tests
 """
