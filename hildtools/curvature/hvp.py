@@ -355,21 +355,30 @@ class HessianOperator:
     def _hvp_autograd_batched(self, rows: Tensor) -> Tensor:
         count = rows.shape[0]
         pieces = [part.reshape(count, *shape) for part, shape in zip(rows.split(self.sizes, 1), self.shapes)]
+        return self._flat(self._double_backward(pieces, batched=True), count)
+
+    def _double_backward(self, pieces: Sequence[Tensor], batched: bool = False) -> tuple[Tensor | None, ...]:
+        """``d<g, v>/dtheta`` per parameter through the saved gradient graph (``v`` given per parameter; with
+        ``batched`` every piece has a leading dimension of vectors, multiplied in one vmapped backward)."""
         with torch.inference_mode(False), torch.enable_grad():
-            products = torch.autograd.grad(
+            return torch.autograd.grad(
                 [g for _, g in self.grads],
                 self.leaves,
                 grad_outputs=[pieces[i] for i, _ in self.grads],
                 retain_graph=True,
                 allow_unused=True,
-                is_grads_batched=True,
+                is_grads_batched=batched,
             )
+
+    def _flat(self, tensors: Sequence[Tensor | None], count: int | None = None) -> Tensor:
+        """Per-parameter tensors (None: zeros) as one flat vector, or ``count`` flat rows."""
+        leading = () if count is None else (count,)
         return torch.cat(
             [
-                (torch.zeros(count, n, device=self.device, dtype=self.dtype) if h is None else h.reshape(count, n))
-                for h, n in zip(products, self.sizes)
+                torch.zeros(*leading, n, device=self.device, dtype=self.dtype) if t is None else t.reshape(*leading, n)
+                for t, n in zip(tensors, self.sizes)
             ],
-            1,
+            -1,
         )
 
     def _exact(self, vector: Tensor) -> Tensor:
@@ -409,31 +418,12 @@ class HessianOperator:
         """``g(theta + t v)`` on perturbed copies of the parameters (the model's own tensors are not touched)."""
         leaves = [(theta + t * piece).requires_grad_() for theta, piece in zip(self.theta, pieces)]
         grads = torch.autograd.grad(self._loss(leaves), leaves, allow_unused=True)
-        return torch.cat(
-            [
-                (torch.zeros(n, device=self.device, dtype=self.dtype) if g is None else g.reshape(-1))
-                for g, n in zip(grads, self.sizes)
-            ]
-        )
+        return self._flat(grads)
 
     def _hvp_autograd(self, vector: Tensor) -> Tensor:
-        pieces = self.split(vector)
         if not self.grads:  # the loss is at most linear in the parameters
             return torch.zeros_like(vector)
-        with torch.inference_mode(False), torch.enable_grad():
-            products = torch.autograd.grad(
-                [g for _, g in self.grads],
-                self.leaves,
-                grad_outputs=[pieces[i] for i, _ in self.grads],
-                retain_graph=True,
-                allow_unused=True,
-            )
-        return torch.cat(
-            [
-                (torch.zeros(n, device=self.device, dtype=self.dtype) if h is None else h.reshape(-1))
-                for h, n in zip(products, self.sizes)
-            ]
-        )
+        return self._flat(self._double_backward(self.split(vector)))
 
     def _hvp_func(self, vector: Tensor) -> Tensor:
         theta = torch.cat([p.detach().reshape(-1).to(self.dtype) for p in self.params])
