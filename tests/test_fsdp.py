@@ -234,7 +234,7 @@ def refused_on_rank(rank, world_size, sharding, name, tensor_parallel):
         ),
         ("fsdp2", "eos", False, "EdgeOfStabilityMonitor\\(hvp='autograd'\\) does not support ModelParallelStrategy"),
         ("fsdp2", "trace", False, "HessianEigenMonitor\\(trace=True\\) does not support ModelParallelStrategy"),
-        ("fsdp", "ntk", False, "NTKAlignmentMonitor does not support.*FeatureRankMonitor"),
+        ("fsdp", "ntk", False, "NTKAlignmentMonitor does not support.*FeatureRankMonitor.*method='sketch'"),
         ("fsdp2", "rank", True, "tensor parallelism.*tensor_parallel_size=1"),
         ("fsdp", "sam", False, "SAM does not support CPUFSDPStrategy.*shard's norm"),
         ("fsdp2", "sam", False, "SAM does not support FSDP-sharded parameters \\(DTensor\\)"),

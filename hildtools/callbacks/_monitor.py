@@ -32,6 +32,7 @@ FSDP_MONITORS = (
     "InvariantSetMonitor",
     "HessianEigenMonitor",
     "EdgeOfStabilityMonitor",
+    "NTKAlignmentMonitor(method='sketch')",
 )
 
 
