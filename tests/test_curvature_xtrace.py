@@ -13,6 +13,7 @@ from test_curvature_reference import (
 )
 
 from hildtools.curvature import HessianOperator, hessian_trace
+from hildtools.curvature import hvp as hvp_module
 from hildtools.curvature.trace import operator_trace
 
 
@@ -56,18 +57,40 @@ def test_xtrace_beats_hutchplusplus_at_equal_products_and_is_unbiased():
     assert abs(errors["xtrace"].mean().item()) <= 3 * errors["xtrace"].std().item() / 40**0.5
 
 
+@pytest.mark.parametrize("block_size", [None, 1, 5])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_block_products_equal_the_dense_hessian_times_the_block(name):
+def test_block_products_equal_the_dense_hessian_times_the_block(name, block_size):
+    """Measured (None), single (1) and batched (5) block products."""
     model, batch = MODELS[name](), classification_batch(name)
     hessian = dense_hessian(model, cross_entropy, batch)
     operator = HessianOperator(model, cross_entropy, batch)
+    operator.block_size = block_size
     block = torch.randn(operator.size, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(operator.matmat(block), hessian @ block, rtol=1e-10, atol=1e-12)
-    assert operator.num_matvecs == 5 and operator.batched  # one batched double backward, no fallback
+    assert operator.num_matvecs == 5
+    assert operator.block_size in ((1, 16) if block_size is None else (block_size,))  # no fallback to single products
     scale = torch.rand(operator.size, dtype=torch.float64) + 0.5
     preconditioned = HessianOperator(model, cross_entropy, batch, preconditioner=scale)
+    preconditioned.block_size = block_size
     expected = scale[:, None] * (hessian @ (scale[:, None] * block))
     assert torch.allclose(preconditioned.matmat(block), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched_faster", [True, False])
+def test_block_size_is_the_faster_of_single_and_batched_products(monkeypatch, batched_faster):
+    """The first block call keeps whichever of one single product and one batched block took less per vector."""
+    seconds = iter([1.0, 10.0 if batched_faster else 20.0])  # single product, then the batched block of 16
+
+    def fake_timed(function, argument):
+        return function(argument), next(seconds)
+
+    monkeypatch.setattr(hvp_module, "_timed", fake_timed)
+    model, batch = MODELS["mlp"](), classification_batch("mlp")
+    operator = HessianOperator(model, cross_entropy, batch)
+    block = torch.randn(operator.size, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    product = operator.matmat(block)  # 1 single, 16 batched, then 3 by the chosen way
+    assert operator.block_size == (16 if batched_faster else 1) and operator.num_matvecs == 20
+    assert torch.allclose(product, dense_hessian(model, cross_entropy, batch) @ block, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [{"method": "xtrace", "num_samples": 3}, {"method": "cg"}])

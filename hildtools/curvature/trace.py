@@ -51,7 +51,7 @@ def _mean_and_error(samples: list[Tensor]) -> tuple[float, float]:
 
 def columns(matvec: MatVec) -> MatMat:
     """``V -> H V`` one column at a time, for operators without a block product."""
-    return lambda block: torch.stack([matvec(column) for column in block.T], 1)
+    return lambda block: torch.stack([matvec(column) for column in block.T]).T
 
 
 def operator_trace(
@@ -79,7 +79,7 @@ def operator_trace(
     matmat = columns(matvec) if matmat is None else matmat
 
     def probes(count: int) -> Tensor:
-        return torch.stack([rademacher_vector(size, generator, device, dtype) for _ in range(count)], 1)
+        return torch.stack([rademacher_vector(size, generator, device, dtype) for _ in range(count)]).T
 
     if method == "xtrace":
         estimate, error = xtrace(matmat, probes(num_samples // 2))

@@ -30,21 +30,33 @@ def xtrace(matmat: MatMat, probes: Tensor) -> tuple[float, float]:
     """XTrace estimate and standard error of ``tr(H)`` from the columns of ``probes`` (``size x s``, ``s >= 2``);
     ``matmat(V) = H V`` is called twice, on ``s`` columns each.
 
-    The small ``s x s`` algebra runs in float64.
+    The ``size x s`` algebra (the QR of ``Y``, four Gram matrices) runs in the products' dtype, at least float32:
+    its rounding (about 1e-6 relative) is far below the estimator's own error. The deflated quadratic forms are
+    expanded into those Gram matrices, so no deflated vector is formed:
+    ``u_i^T H u_i = w_i^T y_i - w_i^T Z m_i - m_i^T R e_i + m_i^T (Q^T Z) m_i`` with ``u_i = w_i - Q m_i``,
+    ``m_i = Q^T w_i - s_i (s_i^T Q^T w_i)`` and ``Q^T Y = R``. The ``s x s`` algebra runs in float64.
     """
     count = probes.shape[1]
-    products = matmat(probes)
-    basis, triangular = torch.linalg.qr(products.double())
-    projected = matmat(basis.to(probes.dtype)).double()  # Z = H Q
-    compressed = basis.T @ projected  # Q^T H Q
-    compressed = (compressed + compressed.T) / 2
+    work = torch.promote_types(probes.dtype, torch.float32)
+    omega = probes.to(work)
+    products = matmat(probes).to(work)  # Y = H Omega
+    basis, triangular = torch.linalg.qr(products)
+    projected = matmat(basis.to(probes.dtype)).to(work)  # Z = H Q
+    compressed = (basis.T @ projected).double()  # Q^T H Q
+    coordinates = (basis.T @ omega).double()  # Q^T w_i
+    cross = (omega.T @ projected).double()  # w_i^T Z
+    diagonal = (omega * products).sum(0).double()  # w_i^T y_i
+    triangular = triangular.double()
+    symmetric = (compressed + compressed.T) / 2
     duals = torch.linalg.inv(triangular.T)
     duals = duals / torch.linalg.vector_norm(duals, dim=0, keepdim=True)  # the s_i
-    probes64, products64 = probes.double(), products.double()
-    coordinates = basis.T @ probes64  # Q^T w_i
-    weights = (duals * coordinates).sum(0)  # s_i^T Q^T w_i
-    deflated = probes64 - basis @ coordinates + basis @ (duals * weights)  # u_i
-    deflated_products = products64 - projected @ coordinates + projected @ (duals * weights)  # H u_i
-    estimates = torch.trace(compressed) - (duals * (compressed @ duals)).sum(0) + (deflated * deflated_products).sum(0)
+    deflation = coordinates - duals * (duals * coordinates).sum(0)  # the m_i
+    quadratic = (
+        diagonal
+        - (cross * deflation.T).sum(1)
+        - (deflation * triangular).sum(0)
+        + (deflation * (compressed @ deflation)).sum(0)
+    )  # u_i^T H u_i
+    estimates = torch.trace(symmetric) - (duals * (symmetric @ duals)).sum(0) + quadratic
     error = (estimates.std() / math.sqrt(count)).item() if count > 1 else math.nan
     return estimates.mean().item(), error
