@@ -3,7 +3,7 @@
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/bench_curvlinops.py --out benchmarks/results/curvlinops_cpu.md   # 20+ min, 2 cores
+    PYTHONPATH=. python benchmarks/bench_curvlinops.py --out benchmarks/results/curvlinops_cpu.md  # ~40 min, 1 thread
     PYTHONPATH=. python benchmarks/bench_curvlinops.py --sizes eos,1m --repeats 3   # (or pip install -e .)
 
 Models (tanh MLPs, MSE with mean reduction, fp32, the same loss for both libraries):
@@ -11,20 +11,25 @@ Models (tanh MLPs, MSE with mean reduction, fp32, the same loss for both librari
 * ``eos``: 64-48-48-10 on 500 digits-like examples after 600 steps of full-batch GD at lr 0.2 (edge of stability: top
   eigenvalues within a few percent), P = 5,962;
 * ``1m``: 64-700-700-700-10, batch 256, after 20 GD steps, P = 1.03M;
-* ``10m``: 64-2200-2200-10 (wide), batch 64, P = 4.9M x 2 = 9.8M.
+* ``10m``: 64-2200-2200-2200-10, batch 64, after 5 GD steps, P = 9.85M.
 
 Tasks: top-1 and top-5 eigenvalues at true relative error <= 1e-3 and <= 1e-6, and the trace at 1%.
-* hildtools: ``hessian_eigenpairs(tol=...)``; "tuned" = the loosest tol in TOLS reaching the target (an oracle sweep,
-  as for the peer); "untuned" = ``tol`` equal to the target, which the residual bound guarantees.
-* curvlinops: ``scipy.sparse.linalg.eigsh(H.to_scipy(), k, which="LA", tol, ncv)`` on its ``HessianLinearOperator``
-  (``check_deterministic=False``); tuned over tol in PEER_TOLS and ncv in {default max(2k+1, 20), 2k+2}: the
-  configuration with the fewest products reaching the target.
-* trace: XTrace in both (``hessian_trace(method="xtrace")`` and ``curvlinops.xtrace``), 60 products.
+
+* Both libraries start from the same vector (hildtools' seed-0 Gaussian, passed to ARPACK as ``v0``), so both build
+  the same Krylov spaces and differ only in how they use and stop them; counts are deterministic.
+* hildtools: ``hessian_eigenpairs(tol=...)``; "tuned" = the loosest tol in TOLS reaching the target (an oracle sweep);
+  "untuned" = ``tol`` equal to the target, which the residual bound guarantees.
+* curvlinops: ``scipy.sparse.linalg.eigsh(H.to_scipy(), k, which="LA", tol, ncv, v0)`` on its
+  ``HessianLinearOperator`` (``check_deterministic=False``); tuned over the same TOLS and ncv in {default
+  max(2k+1, 20), 2k+2}: the configuration with the fewest products reaching the target.
+* trace: XTrace in both (``hessian_trace(method="xtrace")`` and ``curvlinops.xtrace``), the fewest products in
+  TRACE_COUNTS whose RMS relative error over ``--trace-seeds`` seeds is <= 1%.
+
 HVPs are counted at each library's own product (curvlinops: columns passed to its ``_matmat``). Times are medians
 over ``--repeats`` interleaved repeats of the tuned configurations (graph/operator construction included).
-Truth: top-6 eigenvalues of an fp64 copy by hildtools Lanczos at tol 1e-10 (``eos``, ``1m``); for ``10m`` the fp32
-model at tol 1e-8 (error ~1e-8, checked against curvlinops' tightest run). Trace truth: the dense trace (``eos``) or
-XTrace with 400 products (its standard error is printed).
+Truth: top-6 eigenvalues of an fp64 copy of the model by hildtools' Lanczos at tol 1e-10. Trace truth: the dense
+trace (``eos``), XTrace with 1000 products (``1m``, its standard error printed), or none (``10m``: the spread over
+seeds, XTrace being unbiased).
 """
 
 from __future__ import annotations
@@ -33,22 +38,27 @@ import argparse
 import copy
 import datetime
 import itertools
+import os
 import platform
 import statistics
 import time
 
 import curvlinops
 import numpy as np
+import scipy
 import torch
 from curvlinops import HessianLinearOperator
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import nn
 
 from hildtools.curvature import HessianOperator, hessian_eigenpairs, hessian_trace
+from hildtools.curvature._random import gaussian_vector
 
-TOLS = (3e-2, 1e-2, 1e-3, 1e-4, 1e-5)
-PEER_TOLS = (1e-2, 1e-3, 1e-4)
+TOLS = tuple(10.0 ** (-1 - i / 4) for i in range(25))  # 1e-1 to 1e-7, four per decade
 TARGETS = (1e-3, 1e-6)
+TRACE_TARGET = 0.01
+TRACE_COUNTS = (20, 40, 60, 100, 160, 240)
+TRACE_MAX = {"10m": 100}  # XTrace holds four size x count/2 blocks: 8 GB at 10M parameters and 100 products
 
 
 def mlp(widths):
@@ -88,6 +98,11 @@ def ours_top(model, batch, k, tol):
     return result.eigenvalues.numpy(), result.num_hvp
 
 
+def start_vector(size):
+    """The start vector of hildtools' Lanczos (seed 0), given to ARPACK too: both build the same Krylov spaces."""
+    return gaussian_vector(size, torch.Generator().manual_seed(0), torch.device("cpu"), torch.float64).numpy()
+
+
 def peer_operator(model, batch):
     operator = HessianLinearOperator(model, nn.MSELoss(), list(model.parameters()), [batch], check_deterministic=False)
     counter = [0]
@@ -103,7 +118,9 @@ def peer_operator(model, batch):
 
 def peer_top(model, batch, k, tol, ncv):
     operator, counter = peer_operator(model, batch)
-    values = eigsh(operator.to_scipy(), k=k, which="LA", tol=tol, ncv=ncv, return_eigenvectors=False)
+    scipy_operator = operator.to_scipy()
+    v0 = start_vector(scipy_operator.shape[0])
+    values = eigsh(scipy_operator, k=k, which="LA", tol=tol, ncv=ncv, v0=v0, return_eigenvectors=False)
     return np.sort(values)[::-1].astype(np.float64), counter[0]
 
 
@@ -118,18 +135,49 @@ def error(values, truth, k):
 
 
 def tune(run, target, truth, k, configs):
-    """The configuration with the fewest products whose true error is <= target: (config, hvps, error)."""
+    """The configuration with the fewest products whose true error is <= target: (config, hvps, error). ``configs``
+    is a list of sweeps, each from the loosest tolerance to the tightest; a sweep stops at its first success."""
     best = None
-    for config in configs:
-        try:
-            values, hvps = run(config)
-        except (ArpackNoConvergence, RuntimeError) as exc:
-            print(f"    {config}: failed ({type(exc).__name__})")
-            continue
-        err = error(values, truth, k)
-        if err <= target and (best is None or hvps < best[1]):
-            best = (config, hvps, err)
+    for sweep in configs:
+        for config in sweep:
+            try:
+                values, hvps = run(config)
+            except (ArpackNoConvergence, RuntimeError) as exc:
+                print(f"    {config}: failed ({type(exc).__name__})")
+                continue
+            err = error(values, truth, k)
+            if err <= target:
+                if best is None or hvps < best[1]:
+                    best = (config, hvps, err)
+                break
     return best
+
+
+def trace_sweep(model, batch, reference, seeds, most):
+    """Per library, the fewest products in TRACE_COUNTS whose RMS relative error over ``seeds`` is <= TRACE_TARGET:
+    ``{name: (count, rms, median seconds)}``. Both run at each count, interleaved per seed. Without a reference
+    the error is the spread over seeds (XTrace is unbiased)."""
+    found = {}
+    for count in (c for c in TRACE_COUNTS if c <= most):
+        estimates, seconds = {"ours": [], "peer": []}, {"ours": [], "peer": []}
+        for seed in range(seeds):
+            est, t = timed(lambda: hessian_trace(model, loss_fn, batch, num_samples=count, seed=seed).estimate)
+            estimates["ours"].append(est)
+            seconds["ours"].append(t)
+            torch.manual_seed(seed)
+            est, t = timed(lambda: curvlinops.xtrace(peer_operator(model, batch)[0], count).item())
+            estimates["peer"].append(est)
+            seconds["peer"].append(t)
+        for name, values in estimates.items():
+            values = np.array(values)
+            center = values.mean() if reference is None else reference
+            rms = float(np.sqrt(np.mean((values - center) ** 2)) / abs(center))
+            print(f"    trace {name} at {count}: RMS {rms:.2%}, {statistics.median(seconds[name]):.3f} s", flush=True)
+            if name not in found and rms <= TRACE_TARGET:
+                found[name] = (count, rms, statistics.median(seconds[name]))
+        if len(found) == 2:
+            break
+    return found
 
 
 def hvp_cost(model, batch, repeats):
@@ -140,7 +188,7 @@ def hvp_cost(model, batch, repeats):
     jobs = {
         "forward+backward": lambda: torch.autograd.grad(loss_fn(model, batch), params),
         "hildtools HVP (graph reused)": lambda: operator.matvec(vector),
-        "hildtools graph construction": lambda: HessianOperator(model, loss_fn, batch),
+        "hildtools operator construction (graph, hvp='auto' check)": lambda: HessianOperator(model, loss_fn, batch),
         "curvlinops HVP": lambda: peer @ vector,
     }
     samples = {name: [] for name in jobs}
@@ -156,25 +204,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="eos,1m,10m")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trace-seeds", type=int, default=10)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the machine is shared: two threads per process oversubscribe it
+    torch.set_num_threads(1)  # one thread: comparable across machines and loads
     header = (
-        f"Date {datetime.date.today()}; 2-core CPU, shared with other jobs, no GPU ({torch.get_num_threads()} "
-        f"torch threads); torch {torch.__version__}; curvlinops {getattr(curvlinops, '__version__', '3.0.1')}; "
+        f"Date {datetime.date.today()}; {os.cpu_count()}-core CPU, no GPU, load average {os.getloadavg()[0]:.1f} at "
+        f"the start ({torch.get_num_threads()} torch thread); torch {torch.__version__}; "
+        f"curvlinops {getattr(curvlinops, '__version__', '3.0.1')}; scipy {scipy.__version__}; "
         f"Python {platform.python_version()}. Command: `python benchmarks/bench_curvlinops.py --sizes {args.sizes} "
-        f"--repeats {args.repeats}`."
+        f"--repeats {args.repeats} --trace-seeds {args.trace_seeds}`."
     )
     lines = [header, ""]
     for size in args.sizes.split(","):
         model, batch = problem(size)
         count = sum(p.numel() for p in model.parameters())
-        if size == "10m":
-            truth = hessian_eigenpairs(model, loss_fn, batch, k=6, tol=1e-8, max_iter=400).eigenvalues.numpy()
-        else:
-            truth = hessian_eigenpairs(
-                copy.deepcopy(model).double(), loss_fn, tuple(t.double() for t in batch), k=6, tol=1e-10, max_iter=400
-            ).eigenvalues.numpy()
+        truth = hessian_eigenpairs(
+            copy.deepcopy(model).double(), loss_fn, tuple(t.double() for t in batch), k=6, tol=1e-10, max_iter=400
+        ).eigenvalues.numpy()
         lines += [
             f"## `{size}`: P = {count:,}, batch {len(batch[0])}",
             "",
@@ -191,15 +238,10 @@ def main():
         for k in (1, 5):
             ncvs = (None, 2 * k + 2)
             for target in TARGETS:
-                ours_tols = [t for t in TOLS if t >= target * 1e-1]
-                ours = tune(lambda tol: ours_top(model, batch, k, tol), target, truth, k, ours_tols)
+                ours = tune(lambda tol: ours_top(model, batch, k, tol), target, truth, k, [TOLS])
                 plain_values, plain_hvps = ours_top(model, batch, k, target)
                 peer = tune(
-                    lambda c: peer_top(model, batch, k, *c),
-                    target,
-                    truth,
-                    k,
-                    [(t, n) for t in PEER_TOLS if t >= target * 1e-2 for n in ncvs],
+                    lambda c: peer_top(model, batch, k, *c), target, truth, k, [[(t, n) for t in TOLS] for n in ncvs]
                 )
                 if ours is None or peer is None:
                     lines.append(f"| top-{k} at {target:g} | {ours} | {plain_hvps} | {peer} | | | | |")
@@ -222,39 +264,35 @@ def main():
             dense = operator.matmat(torch.eye(operator.size, dtype=torch.float64))
             reference, reference_note = torch.trace(dense).item(), "dense trace"
         elif size == "1m":
-            big = hessian_trace(model, loss_fn, batch, num_samples=400, seed=99)
-            reference, reference_note = (
-                big.estimate,
-                f"XTrace with 400 products (standard error {big.standard_error:.3g})",
+            big = hessian_trace(model, loss_fn, batch, num_samples=1000, seed=99)
+            reference = big.estimate
+            reference_note = f"XTrace with 1000 products (standard error {big.standard_error / abs(reference):.2%})"
+        else:
+            reference, reference_note = None, "none: the error is the spread over the seeds"
+        most = TRACE_MAX.get(size, TRACE_COUNTS[-1])
+        found = trace_sweep(model, batch, reference, args.trace_seeds, most)
+        if len(found) == 2:
+            (n_ours, rms_ours, t_ours), (n_peer, rms_peer, t_peer) = found["ours"], found["peer"]
+            trace_line = (
+                f"Trace at {TRACE_TARGET:.0%} (XTrace in both; RMS relative error over {args.trace_seeds} seeds; "
+                f"reference: {reference_note}): hildtools {n_ours} products ({rms_ours:.2%}), {t_ours:.3f} s; "
+                f"curvlinops {n_peer} products ({rms_peer:.2%}), {t_peer:.3f} s: **HVPs peer/ours "
+                f"{n_peer / n_ours:.2f}x, time peer/ours {t_peer / t_ours:.2f}x**."
             )
         else:
-            reference, reference_note = None, "none (too costly at this size)"
-        times_ours, times_peer, errs_ours, errs_peer = [], [], [], []
-        for seed in range(args.repeats):
-            est, t = timed(lambda: hessian_trace(model, loss_fn, batch, num_samples=60, seed=seed).estimate)
-            times_ours.append(t)
-            torch.manual_seed(seed)
-            peer_est, t = timed(lambda: curvlinops.xtrace(peer_operator(model, batch)[0], 60).item())
-            times_peer.append(t)
-            if reference is not None:
-                errs_ours.append(abs(est - reference) / abs(reference))
-                errs_peer.append(abs(peer_est - reference) / abs(reference))
-        t_ours, t_peer = statistics.median(times_ours), statistics.median(times_peer)
-        errs = f"max error ours {max(errs_ours):.2%}, peer {max(errs_peer):.2%}" if errs_ours else "no reference"
-        trace_line = (
-            f"Trace, XTrace with 60 products in both (reference: {reference_note}; {errs} over "
-            f"{args.repeats} seeds): median time ours {t_ours:.3f} s, peer {t_peer:.3f} s, "
-            f"**peer/ours {t_peer / t_ours:.2f}x**."
-        )
+            trace_line = (
+                f"Trace at {TRACE_TARGET:.0%} ({args.trace_seeds} seeds, reference: {reference_note}): reached within "
+                f"{most} products only by {found or 'neither'} (count, RMS, seconds)."
+            )
         lines += ["", trace_line, ""]
         print(lines[-2], flush=True)
-        if size in ("eos", "1m"):
-            costs = hvp_cost(model, batch, 7)
-            base = costs["forward+backward"]
-            lines += ["| operation | median time (ms) | / forward+backward |", "|---|---|---|"]
-            lines += [f"| {name} | {t * 1e3:.2f} | {t / base:.2f}x |" for name, t in costs.items()]
-            lines.append("")
-            print("\n".join(lines[-7:]), flush=True)
+        costs = hvp_cost(model, batch, 7)
+        base = costs["forward+backward"]
+        lines += ["| operation | median time (ms) | / forward+backward |", "|---|---|---|"]
+        lines += [f"| {name} | {t * 1e3:.2f} | {t / base:.2f}x |" for name, t in costs.items()]
+        lines.append("")
+        print("\n".join(lines[-7:]), flush=True)
+    lines.append(f"Load average at the end: {os.getloadavg()[0]:.1f}.")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
