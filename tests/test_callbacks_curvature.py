@@ -143,6 +143,24 @@ def test_resume_state_round_trips_with_weights_only(tmp_path):
     assert restored.last_step == 8
 
 
+@pytest.mark.parametrize(
+    "make, state",
+    [
+        (lambda: EdgeOfStabilityMonitor(every_n_steps=4, probe_size=32), lambda n: {"vector": torch.ones(n)}),
+        (lambda: HessianEigenMonitor(k=2, every_n_steps=4, probe_size=32), lambda n: {"vectors": torch.ones(n, 2)}),
+    ],
+)
+def test_a_restored_warm_start_that_does_not_fit_the_model_is_dropped(make, state):
+    """A checkpoint written by rank 0 holds its shard of the eigenvectors; on a rank whose shard is longer (or after
+    the model changed) the monitors start cold instead of failing: the values equal a run without that state."""
+    cold, stale = make(), make()
+    stale.load_extra_state_dict(state(sum(p.numel() for p in Regression().parameters()) - 5))
+    fit(Regression(), [cold], steps=4)
+    fit(Regression(), [stale], steps=4)
+    timeless = [{k: v for k, v in m.last_metrics.items() if not k.endswith("/seconds")} for m in (stale, cold)]
+    assert timeless[0] and timeless[0] == timeless[1]
+
+
 def test_two_hessian_monitors_with_different_k_checkpoint_separately(tmp_path):
     monitors = [
         HessianEigenMonitor(k=1, every_n_steps=4, probe_size=16),
