@@ -65,6 +65,12 @@ class CurvatureMonitor(Monitor):
         model, loss = self.model_and_loss(trainer, module)
         return HessianOperator(model, loss, batch, hvp=self.method or self.hvp, **kwargs)
 
+    @staticmethod
+    def warm_start(vectors: torch.Tensor | None, operator: HessianOperator) -> torch.Tensor | None:
+        """Previous eigenvectors as Lanczos' warm start, or None where they do not fit this operator (restored from
+        a checkpoint that holds rank 0's shard on a rank whose shard differs, or after the model changed)."""
+        return vectors if vectors is not None and vectors.shape[0] == operator.size else None
+
     def on_fit_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Choose the Hessian-vector product once; fail early, with the way out, when ``hvp="autograd"`` and the
         model has no double backward (e.g. fused attention kernels)."""

@@ -30,11 +30,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from hildtools._checks import check_int, check_optional_int, check_positive
 from hildtools.callbacks._curvature import CurvatureMonitor
 from hildtools.callbacks._monitor import SkipMeasurement, default_schedule
-from hildtools.curvature import (
-    adam_preconditioner,
-    hessian_eigenpairs,
-    stability_threshold,
-)
+from hildtools.curvature import adam_preconditioner, stability_threshold
+from hildtools.curvature.lanczos import lanczos
 from hildtools.curvature.thresholds import UnknownThresholdError, unwrap_optimizer
 
 ADAM_LIKE = (torch.optim.Adam, torch.optim.AdamW)
@@ -144,19 +141,19 @@ class EdgeOfStabilityMonitor(CurvatureMonitor):
             if any("exp_avg_sq" not in optimizer.state.get(p, {}) for p in params):
                 raise SkipMeasurement("Adam has taken no step yet, so its preconditioner is undefined")
             preconditioner = adam_preconditioner(optimizer, params)
-        model, loss = self.model_and_loss(trainer, module)
-        result = self.guarded(
-            hessian_eigenpairs,
-            model,
-            loss,
-            batch,
-            k=1,
+        operator = self.guarded(self.operator, trainer, module, batch, preconditioner=preconditioner)
+        result = lanczos(
+            operator.matvec,
+            operator.size,
+            1,
             tol=self.tol,
             max_iter=self.max_iter,
-            init=self.vector,
-            preconditioner=preconditioner,
+            init=self.warm_start(self.vector, operator),
             seed=self.last_step,
-            hvp=self.method or self.hvp,
+            device=operator.device,
+            dtype=operator.dtype,
+            inner=operator.inner,
+            product_error=lambda: operator.product_error,
         )
         self.vector = result.eigenvectors
         sharpness = float(result.eigenvalues[0])

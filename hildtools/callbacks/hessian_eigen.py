@@ -112,7 +112,7 @@ class HessianEigenMonitor(CurvatureMonitor):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, module: Any, batch: Any) -> dict:
         operator = self.guarded(self.operator, trainer, module, batch)  # one graph for every product
         on = {"device": operator.device, "dtype": operator.dtype}
-        init = self.vectors if self.vectors is not None and self.vectors.shape[0] == operator.size else None
+        init = self.warm_start(self.vectors, operator)
         result = lanczos(
             operator.matvec,
             operator.size,
