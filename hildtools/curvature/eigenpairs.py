@@ -35,14 +35,14 @@ def hessian_eigenpairs(
 ) -> Eigenpairs:
     """The k largest (algebraic, not largest-magnitude) eigenpairs of the Hessian of ``loss_fn(model, batch)``.
 
-    Lanczos with full re-orthogonalisation on Hessian-vector products (:class:`HessianOperator`), stopped when
-    every Ritz residual is at most ``tol * |eigenvalue|``: each returned eigenvalue is then within ``tol``
-    (relative) of a true eigenvalue, and ``result.error_bounds`` holds a tighter a-posteriori bound (``r^2 / gap``
-    when the neighbouring Ritz values have converged, else ``r``; ``result.bound_kinds`` says which), in practice
-    about ``tol^2``. The Lanczos recurrence runs in float64 while the products stay in ``dtype``, so fp32 models
-    reach about 1e-7 relative without ``dtype=torch.float64``. The model is evaluated as it is
-    (its train/eval modes decide BatchNorm and dropout behaviour); parameters, buffers, ``.grad`` and the global
-    RNG are left untouched.
+    Lanczos with partial re-orthogonalisation (basis orthonormal to eps^0.75) on Hessian-vector products
+    (:class:`HessianOperator`), stopped when every Ritz residual is at most ``tol * |eigenvalue|``: each returned
+    eigenvalue is then within ``tol`` (relative) of a true eigenvalue, and ``result.error_bounds`` holds a tighter
+    a-posteriori bound (``r^2 / gap`` when the neighbouring Ritz values have converged, else ``r``;
+    ``result.bound_kinds`` says which), in practice about ``tol^2``. The Lanczos recurrence runs in float64 while
+    the products stay in ``dtype``, so fp32 models reach about 1e-7 relative without ``dtype=torch.float64``. The
+    model is evaluated as it is (its train/eval modes decide BatchNorm and dropout behaviour); parameters, buffers,
+    ``.grad`` and the global RNG are left untouched.
 
     Args:
         model: the module (DDP wrappers are removed); its parameters define the vector layout.
