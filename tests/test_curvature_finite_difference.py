@@ -178,6 +178,21 @@ def test_auto_keeps_exact_double_backward_silently(name):
         assert HessianOperator(model, cross_entropy, batch).hvp == "autograd"
 
 
+def test_auto_compares_with_finite_differences_only_where_a_custom_function_could_be_wrong(monkeypatch):
+    """Built-in operations' double backward is exact or raises, so 'auto' spends the four gradients of a
+    finite-difference product only when the loss's graph holds a custom autograd.Function."""
+    calls = []
+    differences = HessianOperator._differences
+    monkeypatch.setattr(
+        HessianOperator, "_differences", lambda self, *a, **k: calls.append(1) or differences(self, *a, **k)
+    )
+    model, batch = mlp(torch.float32), classification_batch("mlp", dtype=torch.float32)
+    assert HessianOperator(model, cross_entropy, batch).hvp == "autograd" and not calls
+    with pytest.warns(UserWarning, match="using finite differences"):
+        assert HessianOperator(FusedActivationMLP(model), cross_entropy, batch).hvp == "finite_difference"
+    assert calls
+
+
 def test_auto_keeps_double_backward_across_relu_kinks():
     """Finite differences are unreliable across ReLU kinks (their error estimate says so): double backward, exact
     there, is kept and nothing is reported."""

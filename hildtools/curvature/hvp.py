@@ -91,6 +91,20 @@ def trainable_params(model: nn.Module, params: Iterable[Tensor] | None) -> list[
     return params
 
 
+def has_custom_function(root: Any) -> bool:
+    """Whether the autograd graph below the node ``root`` holds a custom (Python) ``autograd.Function``."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return True
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
 def _timed(function: Callable[[Tensor], Tensor], argument: Tensor) -> tuple[Tensor, float]:
     """``(function(argument), seconds)``, waiting for queued CUDA work before and after."""
     if argument.is_cuda:
@@ -116,11 +130,12 @@ class HessianOperator:
       ``once_differentiable`` functions, assumes a smooth loss. ``last_error`` holds the relative error estimate of
       the last product, ``product_error`` the largest so far (0 for double backward, exact up to rounding; NaN
       for plain central differences, which have no estimate); Lanczos adds it to its error bounds.
-    * ``"auto"`` (default): finite differences for sharded (FSDP) models; otherwise one product on a random
-      direction both ways, at construction: double backward is kept when it runs and agrees (see
-      :data:`AGREEMENT`), else finite differences are used, with a one-line warning (double backward missing, e.g.
-      fused attention, or wrong, e.g. a ``once_differentiable`` function dropping second-order terms).
-      ``hvp`` then holds the method chosen.
+    * ``"auto"`` (default): finite differences for sharded (FSDP) models; otherwise one double-backward product on
+      a random direction at construction, compared with a finite-difference one where the loss's graph holds a
+      custom ``autograd.Function`` (built-in operations' double backward is exact or raises): double backward is
+      kept when it runs and agrees (see :data:`AGREEMENT`), else finite differences are used, with a one-line
+      warning (double backward missing, e.g. fused attention, or wrong, e.g. a ``once_differentiable`` function
+      dropping second-order terms). ``hvp`` then holds the method chosen.
 
     Computation runs in ``dtype`` (default: the parameters' dtype, fp32 for bf16/fp16 models, whose weights,
     buffers and floating inputs are then upcast), with autocast disabled. Under ``torch.distributed`` every
@@ -211,6 +226,7 @@ class HessianOperator:
         self.rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
         self.rng_state = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.rng_devices])
         self.grads: list | None = None
+        self.custom_functions = True  # whether the loss's graph may hold a custom autograd.Function (unknown yet)
         if self.sharded:  # the loss is checked by a first gradient (a forward alone would leave the root gathered)
             self.gradient_at = InPlaceGradient(self.model, self.loss_fn, self.batch, self.params)
             with self._evaluation():
@@ -237,6 +253,7 @@ class HessianOperator:
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         self.leaves = leaves
         self.grads = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self.custom_functions = has_custom_function(loss.grad_fn)
 
     def _prepare_finite_differences(self) -> None:
         """The unperturbed parameters (a copy, in the compute dtype) and their norm, which scales the step."""
@@ -251,10 +268,12 @@ class HessianOperator:
         return math.sqrt(max(self.inner(vector, vector).item(), 0.0))
 
     def _choose(self) -> str:
-        """``"autograd"`` or ``"finite_difference"`` from one product both ways on a random unit direction."""
+        """``"autograd"`` or ``"finite_difference"`` from one product both ways on a random unit direction. The
+        finite-difference product is skipped when the loss's graph holds no custom ``autograd.Function``: built-in
+        operations' double backward is exact or raises (caught here), only a hand-written backward (e.g.
+        ``once_differentiable``) can be silently wrong."""
         vector = gaussian_vector(self.size, torch.Generator().manual_seed(0), self.device, self.dtype)
         vector = vector / self._norm(vector)
-        product, error = extrapolated(*all_reduce_mean(torch.stack(self._differences(vector, extrapolate=True))))
         try:
             if self.backend == "autograd" and self.grads is None:
                 self._build_graph()
@@ -266,6 +285,9 @@ class HessianOperator:
             warnings.warn(f"hvp='auto': double backward fails ({message}); using finite differences", stacklevel=3)
             self.grads = None
             return "finite_difference"
+        if not self.custom_functions:
+            return "autograd"
+        product, error = extrapolated(*all_reduce_mean(torch.stack(self._differences(vector, extrapolate=True))))
         gap, scale, noise = self._norm(exact - product), self._norm(product), self._norm(error)
         if gap <= max(AGREEMENT * scale, 10 * noise):
             return "autograd"
