@@ -374,16 +374,16 @@ class HessianOperator:
         With the autograd backend, blocks of up to ``MAX_BLOCK`` columns can go through one batched double backward
         (``torch.autograd.grad(..., is_grads_batched=True)``, a ``vmap`` over the grad outputs). Whether that is
         faster per vector than separate products depends on the model and the device (on one CPU thread: 15% faster
-        at 6k parameters, 11-33% slower at 1M), so the first call with at least two columns times one single product
-        against one batched block of the next ``min(b - 1, MAX_BLOCK)`` (timings averaged over ranks, so every rank
-        decides alike) and keeps the faster (``self.block_size``: 1 or ``MAX_BLOCK``; set it to skip the
+        at 6k parameters, 11-33% slower at 1M), so the first call with at least three columns times one single
+        product against one batched block of the next ``min(b - 1, MAX_BLOCK)`` (timings averaged over ranks, so
+        every rank decides alike) and keeps the faster (``self.block_size``: 1 or ``MAX_BLOCK``; set it to skip the
         measurement). If an operation has no batching rule, products are single. The func backend and finite
         differences multiply one column at a time.
         """
         rows = vectors.to(self.device, self.dtype).reshape(self.size, -1).T
         if self.hvp != "autograd" or self.backend != "autograd" or not self.grads:
             self.block_size = 1
-        if self.block_size is None and len(rows) >= 2:
+        if self.block_size is None and len(rows) >= 3:  # a batched block of at least two to time
             return self._measure_block_size(rows).T
         return torch.cat([self._block(block) for block in rows.split(self.block_size or 1)]).T
 
