@@ -169,6 +169,10 @@ class LanczosProcess:
         self.omega_previous = torch.zeros(0, dtype=torch.float64)
         self.reorthogonalize_next = False
         self.reorthogonalizations = 0
+        # Reused buffers (a fresh 80 MB tensor per update cost more than a product at 10M parameters): the vector
+        # passed to matvec in its dtype, and a float64 vector no longer needed (the one two steps back) for the next w.
+        self.narrow: Tensor | None = None
+        self.spare: Tensor | None = None
 
     def _append(self, vector: Tensor) -> None:
         if self.length == len(self.blocks) * BASIS_CHUNK:
@@ -197,9 +201,13 @@ class LanczosProcess:
         """Extend the basis by one vector (one operator product); returns the new residual norm ``beta``."""
         q = self.current
         self._append(q)
-        w = self.matvec(q.to(self.dtype)).to(self.device, BASIS_DTYPE)
+        if self.dtype != BASIS_DTYPE:
+            self.narrow = q.to(self.dtype) if self.narrow is None else self.narrow.copy_(q)
+        product = self.matvec(q if self.dtype == BASIS_DTYPE else self.narrow)
+        w = torch.empty_like(q) if self.spare is None else self.spare
+        w.copy_(product.reshape(q.shape))
         alpha = self.inner(w, q).item()
-        w = torch.sub(w, q, alpha=alpha)  # a new tensor (the product may be the caller's); in place from here
+        w.sub_(q, alpha=alpha)
         if self.previous is not None:
             w.sub_(self.previous, alpha=self.betas[-1])
         beta = _norm(w, self.inner).item()
@@ -214,7 +222,7 @@ class LanczosProcess:
             self.reorthogonalizations += 1
         self.betas.append(beta)
         self.omega_previous, self.omega = self.omega, omega
-        self.previous = q
+        self.spare, self.previous = self.previous, q
         self.current = w.div_(beta) if beta > 0 else w
         return beta
 
