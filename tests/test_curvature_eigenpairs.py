@@ -175,7 +175,7 @@ def test_warm_start_finds_a_new_top_direction_outside_the_previous_span():
 @pytest.mark.parametrize("partial", [True, False])
 def test_partial_reorthogonalization_keeps_the_basis_orthonormal_with_fewer_passes(monkeypatch, partial):
     """fp32 products, 80 steps on a clustered spectrum: the orthogonality estimates trigger full passes over the
-    basis only at some steps (75 of 80 here; 8 of 25 on a 1M-parameter MLP Hessian), yet the basis stays
+    basis only at some steps (73 of 80 here; 8 of 25 on a 1M-parameter MLP Hessian), yet the basis stays
     orthonormal to ~eps^0.75 and the top values match the spectrum; with the estimates ignored (no pass ever),
     orthogonality is lost as the top values converge."""
     if not partial:
