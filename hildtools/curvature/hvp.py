@@ -268,15 +268,18 @@ class HessianOperator:
         return math.sqrt(max(self.inner(vector, vector).item(), 0.0))
 
     def _choose(self) -> str:
-        """``"autograd"`` or ``"finite_difference"`` from one product both ways on a random unit direction. The
-        finite-difference product is skipped when the loss's graph holds no custom ``autograd.Function``: built-in
-        operations' double backward is exact or raises (caught here), only a hand-written backward (e.g.
-        ``once_differentiable``) can be silently wrong."""
-        vector = gaussian_vector(self.size, torch.Generator().manual_seed(0), self.device, self.dtype)
-        vector = vector / self._norm(vector)
+        """``"autograd"`` or ``"finite_difference"`` from one product both ways on a random unit direction. Where
+        the loss's graph holds no custom ``autograd.Function`` only one double-backward product runs (on a zero
+        vector, no random direction to draw): built-in operations' double backward is exact or raises (caught
+        here); only a hand-written backward (e.g. ``once_differentiable``) can be silently wrong."""
         try:
             if self.backend == "autograd" and self.grads is None:
                 self._build_graph()
+            if self.custom_functions:
+                vector = gaussian_vector(self.size, torch.Generator().manual_seed(0), self.device, self.dtype)
+                vector = vector / self._norm(vector)
+            else:  # the product only has to run (a missing double backward raises whatever the vector)
+                vector = torch.zeros(self.size, device=self.device, dtype=self.dtype)
             exact = all_reduce_mean(self._exact(vector))
         except (RuntimeError, NotImplementedError) as failure:
             message = str(failure).split("\n")[0]
