@@ -90,7 +90,7 @@ SEMI_ORTHOGONALITY = 0.75
 vector exceeds ``eps ** SEMI_ORTHOGONALITY`` (``eps`` of the products' dtype; partial re-orthogonalisation, Simon
 1984). Semi-orthogonality (``sqrt(eps)``) keeps the Ritz values at rounding level; the stricter ``eps ** 0.75`` also
 keeps the returned eigenvectors orthonormal to about 1e-7 in float32, and still skips most of the passes over the
-basis (60-100% at 1M parameters)."""
+basis (about 60-70% at 1M parameters)."""
 
 CONFIRM_FRACTION = 0.25
 """After the residual test first passes at step m, confirm it ``ceil(CONFIRM_FRACTION * m)`` steps later."""
@@ -201,9 +201,11 @@ class LanczosProcess:
         """Extend the basis by one vector (one operator product); returns the new residual norm ``beta``."""
         q = self.current
         self._append(q)
-        if self.dtype != BASIS_DTYPE:
+        if self.dtype == BASIS_DTYPE:
+            product = self.matvec(q)
+        else:
             self.narrow = q.to(self.dtype) if self.narrow is None else self.narrow.copy_(q)
-        product = self.matvec(q if self.dtype == BASIS_DTYPE else self.narrow)
+            product = self.matvec(self.narrow)
         w = torch.empty_like(q) if self.spare is None else self.spare
         w.copy_(product.reshape(q.shape))
         alpha = self.inner(w, q).item()
