@@ -24,7 +24,8 @@ Tasks: top-1 and top-5 eigenvalues at true relative error <= 1e-3 and <= 1e-6, a
   max(2k+1, 20), 2k+2}: the configuration with the fewest products reaching the target.
 * m*: the fewest Lanczos steps from that start vector reaching the target, a lower bound for both libraries.
 * trace: XTrace in both (``hessian_trace(method="xtrace")`` and ``curvlinops.xtrace``), the fewest products in
-  TRACE_COUNTS whose RMS relative error, pooled over both libraries' runs (``--trace-seeds`` each), is <= 1%.
+  TRACE_COUNTS (or ``--trace-counts``) whose RMS relative error, pooled over both libraries' runs (``--trace-seeds``
+  each), is <= 1%.
 
 HVPs are counted at each library's own product (curvlinops: columns passed to its ``_matmat``). Times are medians
 over ``--repeats`` interleaved repeats of the tuned configurations (graph/operator construction included).
@@ -170,12 +171,12 @@ def fewest_steps(model, batch, k, target, truth, most=400):
     return None
 
 
-def trace_sweep(model, batch, reference, seeds, most):
-    """The fewest products in TRACE_COUNTS at which XTrace's RMS relative error, pooled over both libraries' runs
+def trace_sweep(model, batch, reference, seeds, counts):
+    """The fewest products in ``counts`` at which XTrace's RMS relative error, pooled over both libraries' runs
     (the same algorithm, so the same error distribution), is <= TRACE_TARGET; both run at each count, interleaved
     per seed. Returns ``(count, pooled RMS, {name: (RMS, median seconds)})`` or None. Without a reference the error
     is the spread over all runs (XTrace is unbiased)."""
-    for count in (c for c in TRACE_COUNTS if c <= most):
+    for count in counts:
         estimates, seconds = {"ours": [], "peer": []}, {"ours": [], "peer": []}
         for seed in range(seeds):
             est, t = timed(lambda: hessian_trace(model, loss_fn, batch, num_samples=count, seed=seed).estimate)
@@ -223,6 +224,7 @@ def main():
     parser.add_argument("--sizes", default="eos,1m,10m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trace-seeds", type=int, default=10)
+    parser.add_argument("--trace-counts", default=",".join(map(str, TRACE_COUNTS)), help="product counts to sweep")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread: comparable across machines and loads
@@ -231,7 +233,7 @@ def main():
         f"the start ({torch.get_num_threads()} torch thread); torch {torch.__version__}; "
         f"curvlinops {getattr(curvlinops, '__version__', '3.0.1')}; scipy {scipy.__version__}; "
         f"Python {platform.python_version()}. Command: `python benchmarks/bench_curvlinops.py --sizes {args.sizes} "
-        f"--repeats {args.repeats} --trace-seeds {args.trace_seeds}`."
+        f"--repeats {args.repeats} --trace-seeds {args.trace_seeds} --trace-counts {args.trace_counts}`."
     )
     lines = [header, ""]
     for size in args.sizes.split(","):
@@ -289,7 +291,8 @@ def main():
         else:
             reference, reference_note = None, "none: the error is the spread over the seeds"
         most = TRACE_MAX.get(size, TRACE_COUNTS[-1])
-        found = trace_sweep(model, batch, reference, args.trace_seeds, most)
+        counts = [c for c in map(int, args.trace_counts.split(",")) if c <= most]
+        found = trace_sweep(model, batch, reference, args.trace_seeds, counts)
         if found is None:
             trace_line = f"Trace at {TRACE_TARGET:.0%}: not reached within {most} products ({reference_note})."
         else:

@@ -40,7 +40,8 @@ def hessian_eigenpairs(
     eigenvalue is then within ``tol`` (relative) of a true eigenvalue, and ``result.error_bounds`` holds a tighter
     a-posteriori bound (``r^2 / gap`` when the neighbouring Ritz values have converged, else ``r``;
     ``result.bound_kinds`` says which), in practice about ``tol^2``. The Lanczos recurrence runs in float64 while
-    the products stay in ``dtype``, so fp32 models reach about 1e-7 relative without ``dtype=torch.float64``. The
+    the products (and the stored basis) stay in ``dtype``, so fp32 models reach about 1e-7 relative without
+    ``dtype=torch.float64``. The
     model is evaluated as it is (its train/eval modes decide BatchNorm and dropout behaviour); parameters, buffers,
     ``.grad`` and the global RNG are left untouched.
 

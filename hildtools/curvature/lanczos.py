@@ -14,13 +14,17 @@ appear, while most of the passes over the basis, as costly as a product at 1M pa
 Randomness (the start vector, restarts after an invariant subspace is found) comes from a private generator on the
 CPU, so results do not depend on the device.
 
-Precision: the operator products run in the caller's ``dtype`` (the model's), but the basis, the recurrence
-(alpha, beta, re-orthogonalisation) and the eigenproblem of ``T_m`` run in float64 (``BASIS_DTYPE``): an fp32
-recurrence loses orthogonality and stalls near 1e-5 relative, while fp32 products with an fp64 recurrence reach
-the products' own rounding level (about 1e-7 relative). Every inner product and norm goes through the injectable
-``inner`` (:data:`Inner`), applied to the float64 vectors: under sharding each rank holds its entries of every basis
-vector and ``inner`` all-reduces, so the recurrence's scalars (hence Ritz values, residuals, error bounds and every
-stopping decision) are identical on all ranks.
+Precision: the operator products run in the caller's ``dtype`` (the model's), but the recurrence (its current
+vectors, alpha, beta) and the eigenproblem of ``T_m`` run in float64 (``BASIS_DTYPE``): an fp32 recurrence loses
+orthogonality and stalls near 1e-5 relative, while fp32 products with an fp64 recurrence reach the products' own
+rounding level (about 1e-7 relative). Each basis vector, computed in float64, is stored rounded to the products'
+dtype (at least float32): only re-orthogonalisation and the Ritz vectors read the stored basis, and rounding it
+perturbs them by ``eps`` of the products, the size of the products' own rounding errors, while a float64 basis
+doubled the memory traffic that dominates the time at 10M parameters (full passes read the whole basis; measured:
+the same products and eigenvalues to 1e-9 at 1M parameters, about 40% less time at 10M). Every inner product and
+norm goes through the injectable ``inner`` (:data:`Inner`): under sharding each rank holds its entries of every
+basis vector and ``inner`` all-reduces, so the recurrence's scalars (hence Ritz values, residuals, error bounds and
+every stopping decision) are identical on all ranks.
 
 Error bounds (a posteriori, per returned value, for the eigenvalue ``lambda`` of H nearest ``theta_i``): always
 ``|theta_i - lambda| <= r_i`` (the "residual" bound, rigorous); when the neighbouring Ritz values are converged
@@ -72,7 +76,8 @@ steps later than from a cold start), while the previous directions start far ahe
 
 
 BASIS_DTYPE = torch.float64
-"""dtype of the Lanczos basis and recurrence, whatever the dtype of the products."""
+"""dtype of the Lanczos recurrence, whatever the dtype of the products (the stored basis: the products' dtype, at
+least float32)."""
 
 ROUNDING_BOUND = 8.0
 """Rounding part of the error bounds: ``ROUNDING_BOUND * eps(dtype) * max|theta|`` for products in ``dtype`` (an
@@ -136,10 +141,10 @@ class Eigenpairs:
 class LanczosProcess:
     """The Lanczos recurrence with partial re-orthogonalisation, one operator product per :meth:`step`.
 
-    Products take vectors in ``dtype`` (default ``start.dtype``); the basis and the recurrence are in
-    ``BASIS_DTYPE``, with inner products through ``inner`` (:data:`Inner`). The basis lives on ``basis_device`` (e.g.
-    the CPU, for models whose ``m x size`` basis does not fit next to them); the current and previous vectors stay
-    on the operator's device.
+    Products take vectors in ``dtype`` (default ``start.dtype``); the recurrence is in ``BASIS_DTYPE``, the stored
+    basis in ``storage_dtype`` (``dtype``, at least float32), with inner products through ``inner`` (:data:`Inner`).
+    The basis lives on ``basis_device`` (e.g. the CPU, for models whose ``m x size`` basis does not fit next to
+    them); the current and previous vectors stay on the operator's device.
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class LanczosProcess:
         start = start.to(BASIS_DTYPE)
         self.current = start / _norm(start, inner)
         self.previous: Tensor | None = None
+        self.storage_dtype = torch.promote_types(self.dtype, torch.float32)
         self.product_eps = torch.finfo(self.dtype).eps
         self.semi_orthogonality = self.product_eps**SEMI_ORTHOGONALITY
         self.scale = 0.0  # running estimate of ||H||
@@ -173,10 +179,12 @@ class LanczosProcess:
         # passed to matvec in its dtype, and a float64 vector no longer needed (the one two steps back) for the next w.
         self.narrow: Tensor | None = None
         self.spare: Tensor | None = None
+        self.pass_buffer: Tensor | None = None  # the vector being re-orthogonalised, in the storage dtype
+        self.correction: Tensor | None = None  # its projection on the basis
 
     def _append(self, vector: Tensor) -> None:
         if self.length == len(self.blocks) * BASIS_CHUNK:
-            self.blocks.append(torch.empty(BASIS_CHUNK, self.size, device=self.basis_device, dtype=BASIS_DTYPE))
+            self.blocks.append(torch.empty(BASIS_CHUNK, self.size, device=self.basis_device, dtype=self.storage_dtype))
         self.blocks[-1][self.length % BASIS_CHUNK] = vector.to(self.basis_device)
         self.length += 1
 
@@ -185,14 +193,23 @@ class LanczosProcess:
         return self.blocks[:full] + ([self.blocks[full][:rest]] if rest else [])
 
     def orthogonalize(self, vector: Tensor) -> Tensor:
-        """``vector`` minus its projection on the basis, by block Gram-Schmidt (in ``BASIS_DTYPE``), repeated once
-        when the first pass removed more than ``1 - DGKS`` of its norm (Daniel, Gragg, Kaufman & Stewart 1976: a
-        second pass is needed only then, and "twice is enough")."""
+        """``vector`` minus its projection on the basis, by classical Gram-Schmidt over the stored basis, repeated
+        once when the first pass removed more than ``1 - DGKS`` of its norm (Daniel, Gragg, Kaufman & Stewart 1976: a
+        second pass is needed only then, and "twice is enough"). The coefficients and the correction are computed in
+        the basis' storage dtype and subtracted from the float64 vector (in place when ``vector`` is float64 on the
+        basis device): their rounding is ``eps`` of the products times the removed component, below the overlap left
+        by the products' own rounding."""
         vector = vector.to(self.basis_device, BASIS_DTYPE)
         for _ in range(2):
             before = _norm(vector, self.inner)
+            if self.storage_dtype != BASIS_DTYPE:
+                self.pass_buffer = _copied(vector, self.pass_buffer, self.storage_dtype)
+            narrow = vector if self.storage_dtype == BASIS_DTYPE else self.pass_buffer
+            self.correction = torch.empty_like(narrow) if self.correction is None else self.correction
+            self.correction.zero_()
             for block in self._stored():
-                vector = torch.addmv(vector, block.T, self.inner(block, vector), alpha=-1)
+                self.correction.addmv_(block.T, self.inner(block, narrow))
+            vector.sub_(self.correction)
             if _norm(vector, self.inner) > DGKS * before:  # all-reduced: every rank takes the same branch
                 break
         return vector.to(self.device)
@@ -204,7 +221,7 @@ class LanczosProcess:
         if self.dtype == BASIS_DTYPE:
             product = self.matvec(q)
         else:
-            self.narrow = q.to(self.dtype) if self.narrow is None else self.narrow.copy_(q)
+            self.narrow = _copied(q, self.narrow, self.dtype)
             product = self.matvec(self.narrow)
         w = torch.empty_like(q) if self.spare is None else self.spare
         w.copy_(product.reshape(q.shape))
@@ -265,14 +282,19 @@ class LanczosProcess:
 
     def ritz_vectors(self, coefficients: Tensor) -> Tensor:
         """``Q_m S`` for coefficient columns ``S`` (``m x j``), as unit columns on the operator's device and dtype."""
-        coefficients = coefficients.to(self.basis_device, BASIS_DTYPE)
-        vectors = torch.zeros(self.size, coefficients.shape[1], device=self.basis_device, dtype=BASIS_DTYPE)
+        coefficients = coefficients.to(self.basis_device, self.storage_dtype)
+        vectors = torch.zeros(self.size, coefficients.shape[1], device=self.basis_device, dtype=self.storage_dtype)
         start = 0
         for block in self._stored():
             vectors += block.T @ coefficients[start : start + block.shape[0]]
             start += block.shape[0]
         vectors = vectors.to(self.device)
         return (vectors / _column_norms(vectors, self.inner)).to(self.dtype)
+
+
+def _copied(vector: Tensor, buffer: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``vector`` in ``dtype``, written into ``buffer`` when there is one (the same for every call)."""
+    return vector.to(dtype) if buffer is None else buffer.copy_(vector)
 
 
 def _column_norms(block: Tensor, inner: Inner) -> Tensor:
@@ -364,7 +386,8 @@ def lanczos(
         basis_device: where the Lanczos basis is stored (default: ``device``); ``"cpu"`` to spare GPU memory.
         seed: seed of the private generator for the start vector.
         device: device of the vectors passed to ``matvec``.
-        dtype: dtype of the vectors passed to ``matvec`` (the basis and recurrence are float64).
+        dtype: dtype of the vectors passed to ``matvec`` and of the stored basis (at least float32; the recurrence
+            is float64).
         inner: the inner product (see :data:`Inner`); with sharded vectors ``size`` is this rank's number of
             entries, every rank must call, and all take the same decisions (every scalar is all-reduced).
         product_error: ``() -> float``, the relative error of the products so far, read after the last product and
