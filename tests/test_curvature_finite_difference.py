@@ -180,17 +180,19 @@ def test_auto_keeps_exact_double_backward_silently(name):
 
 def test_auto_compares_with_finite_differences_only_where_a_custom_function_could_be_wrong(monkeypatch):
     """Built-in operations' double backward is exact or raises, so 'auto' spends the four gradients of a
-    finite-difference product only when the loss's graph holds a custom autograd.Function."""
+    finite-difference product, and the parameter copy they start from, only when the loss's graph holds a custom
+    autograd.Function."""
     calls = []
-    differences = HessianOperator._differences
-    monkeypatch.setattr(
-        HessianOperator, "_differences", lambda self, *a, **k: calls.append(1) or differences(self, *a, **k)
-    )
+    for name in ("_differences", "_prepare_finite_differences"):
+        method = getattr(HessianOperator, name)
+        monkeypatch.setattr(
+            HessianOperator, name, lambda self, *a, _m=method, _n=name, **k: calls.append(_n) or _m(self, *a, **k)
+        )
     model, batch = mlp(torch.float32), classification_batch("mlp", dtype=torch.float32)
     assert HessianOperator(model, cross_entropy, batch).hvp == "autograd" and not calls
     with pytest.warns(UserWarning, match="using finite differences"):
         assert HessianOperator(FusedActivationMLP(model), cross_entropy, batch).hvp == "finite_difference"
-    assert calls
+    assert set(calls) == {"_differences", "_prepare_finite_differences"}
 
 
 def test_auto_keeps_double_backward_across_relu_kinks():

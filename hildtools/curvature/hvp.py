@@ -240,9 +240,9 @@ class HessianOperator:
         else:
             self._build_graph()
             self.hvp = hvp
-        if self.hvp != "autograd":
+        if self.hvp == "finite_difference":
             self._prepare_finite_differences()
-        if self.hvp == "auto":
+        elif self.hvp == "auto":
             self.hvp = self._choose()
 
     def _build_graph(self) -> None:
@@ -256,7 +256,8 @@ class HessianOperator:
         self.custom_functions = has_custom_function(loss.grad_fn)
 
     def _prepare_finite_differences(self) -> None:
-        """The unperturbed parameters (a copy, in the compute dtype) and their norm, which scales the step."""
+        """The unperturbed parameters (detached, in the compute dtype: copied only where it differs) and their norm,
+        which scales the step; prepared only where finite differences are used or compared."""
         if self.sharded:
             theta = torch.cat([t.reshape(-1) for t in self.gradient_at.saved])
         else:
@@ -287,9 +288,11 @@ class HessianOperator:
                 raise
             warnings.warn(f"hvp='auto': double backward fails ({message}); using finite differences", stacklevel=3)
             self.grads = None
+            self._prepare_finite_differences()
             return "finite_difference"
         if not self.custom_functions:
             return "autograd"
+        self._prepare_finite_differences()
         product, error = extrapolated(*all_reduce_mean(torch.stack(self._differences(vector, extrapolate=True))))
         gap, scale, noise = self._norm(exact - product), self._norm(product), self._norm(error)
         if gap <= max(AGREEMENT * scale, 10 * noise):
