@@ -5,6 +5,7 @@ starts, basis offload, PyHessian parity, no side effects, bad input."""
 import copy
 import functools
 import importlib
+import math
 
 import pytest
 import torch
@@ -136,6 +137,23 @@ def test_near_degenerate_pair_is_not_merged_into_one_ritz_value():
         matrix, spectrum = clustered_operator(seed, EOS_TOP)
         result = lanczos(lambda v: matrix @ v, 1000, k=5, tol=1e-3, seed=seed, dtype=torch.float64)
         assert torch.all((result.eigenvalues - spectrum[:5]).abs() <= 1e-3 * spectrum[:5])
+
+
+@pytest.mark.parametrize("confirm", [0.0, 0.25, 1.0])
+def test_confirm_stops_that_fraction_of_steps_after_the_residual_test_first_passes(confirm):
+    """``confirm=0`` stops at the first step whose top-k residuals meet ``tol`` (as ARPACK does); otherwise the run
+    goes on ``ceil(confirm * m)`` steps (more only if a value moved)."""
+    matrix, _ = clustered_operator(0)
+    start = lanczos_module.start_vector(1000, None, torch.Generator().manual_seed(0), torch.device("cpu"))
+    process = lanczos_module.LanczosProcess(matrix.__matmul__, start, dtype=torch.float64)
+    while True:  # the first step at which the residual test passes, by hand
+        beta = process.step()
+        theta, coefficients = torch.linalg.eigh(process.tridiagonal())
+        if bool((beta * coefficients[-1, -3:].abs() <= 1e-3 * theta[-3:].abs()).all()):
+            break
+    result = lanczos(matrix.__matmul__, 1000, k=3, tol=1e-3, dtype=torch.float64, confirm=confirm)
+    assert result.num_hvp >= process.length + math.ceil(confirm * process.length)
+    assert confirm > 0 or result.num_hvp == process.length
 
 
 @pytest.mark.parametrize("k", [1, 5])
@@ -279,6 +297,7 @@ def test_non_finite_loss():
         ({"k": 10**6}, "k"),
         ({"init": torch.ones(7)}, "init"),
         ({"backend": "pyhessian", "smallest": True}, "smallest"),
+        ({"confirm": -0.1}, "confirm"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):

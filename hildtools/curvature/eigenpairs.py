@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hildtools._checks import check_choice, check_int, check_positive
+from hildtools._checks import check_choice, check_int, check_number, check_positive
 from hildtools.curvature.hvp import HessianOperator, LossFn
-from hildtools.curvature.lanczos import Eigenpairs, lanczos
+from hildtools.curvature.lanczos import CONFIRM_FRACTION, Eigenpairs, lanczos
 
 BACKENDS = ("autograd", "func", "pyhessian")
 
@@ -32,6 +32,7 @@ def hessian_eigenpairs(
     basis_device: torch.device | str | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    confirm: float = CONFIRM_FRACTION,
 ) -> Eigenpairs:
     """The k largest (algebraic, not largest-magnitude) eigenpairs of the Hessian of ``loss_fn(model, batch)``.
 
@@ -67,6 +68,9 @@ def hessian_eigenpairs(
         basis_device: where to keep the Lanczos basis (``"cpu"`` for large models on a GPU).
         seed: seed of the private generator for the start vector.
         dtype: dtype of the products (default: the parameters', fp32 for bf16/fp16 models).
+        confirm: confirmation steps after the residual test first passes at step m, as a fraction of m (default
+            0.25; ``0`` stops at once, as ARPACK does: fewer products, more risk of missing an eigenvalue close to
+            the top ones); see :func:`hildtools.curvature.lanczos.lanczos`.
 
     Returns:
         :class:`Eigenpairs`: ``vals, vecs = result``, eigenvalues descending (float64, CPU), eigenvectors as the
@@ -75,8 +79,8 @@ def hessian_eigenpairs(
         ``num_hvp`` and, with ``smallest=True``, ``smallest_eigenvalue``.
 
     Raises:
-        ValueError: ``k < 1``, ``tol <= 0``, ``max_iter < k``, unknown ``backend`` or ``hvp``, ``k`` above the
-            number of parameters.
+        ValueError: ``k < 1``, ``tol <= 0``, ``max_iter < k``, ``confirm < 0``, unknown ``backend`` or ``hvp``,
+            ``k`` above the number of parameters.
         NonFiniteLossError: the loss is NaN or infinite.
 
     Example:
@@ -90,6 +94,7 @@ def hessian_eigenpairs(
     tol = check_positive("tol", tol)
     if max_iter is not None:
         check_int("max_iter", max_iter, k)
+    check_number("confirm", confirm)
     check_choice("backend", backend, BACKENDS)
     if backend == "pyhessian":
         from hildtools.curvature.pyhessian_backend import pyhessian_eigenpairs
@@ -124,4 +129,5 @@ def hessian_eigenpairs(
         dtype=operator.dtype,
         inner=operator.inner,
         product_error=lambda: operator.product_error,
+        confirm=confirm,
     )

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hildtools._checks import check_int, check_positive
+from hildtools._checks import check_int, check_number, check_positive
 from hildtools.curvature._random import gaussian_vector
 
 MatVec = Callable[[Tensor], Tensor]
@@ -98,7 +98,9 @@ keeps the returned eigenvectors orthonormal to about 1e-7 in float32, and still 
 basis (about 60-70% at 1M parameters)."""
 
 CONFIRM_FRACTION = 0.25
-"""After the residual test first passes at step m, confirm it ``ceil(CONFIRM_FRACTION * m)`` steps later."""
+"""Default ``confirm``: after the residual test first passes at step m, confirm it ``ceil(confirm * m)`` steps later
+(on synthetic spectra with top clusters 1% apart, at ``tol=1e-3``, k = 5: a value more than ``tol`` low in 12 of
+300 cold runs without confirmation, 4 with ``max(2, 10%)`` more steps, none with 25%)."""
 
 ROUNDING_FLOOR = 100.0
 """Residuals below ``ROUNDING_FLOOR * eps(dtype) * max|theta|`` count as converged: products carry rounding
@@ -361,6 +363,7 @@ def lanczos(
     dtype: torch.dtype = torch.float32,
     inner: Inner = local_inner,
     product_error: Callable[[], float] | None = None,
+    confirm: float = CONFIRM_FRACTION,
 ) -> Eigenpairs:
     """The k largest (algebraic) eigenpairs of the symmetric operator ``matvec`` on vectors of ``size`` entries.
 
@@ -370,8 +373,8 @@ def lanczos(
     Each returned value is then within ``tol * |theta_i|`` of an eigenvalue of H, and never above the i-th largest;
     ``result.error_bounds`` gives the tighter a-posteriori bound (module docstring), typically ``~tol^2``.
     To catch a near-top eigenvalue that no Ritz value represents yet (two eigenvalues closer than ``tol`` can share
-    one Ritz vector), the run continues ``CONFIRM_FRACTION`` more steps and stops only if the test still holds and
-    the top-k values moved by at most their tolerance; otherwise it continues, up to ``max_iter`` products.
+    one Ritz vector), the run continues ``confirm`` times as many steps again and stops only if the test still holds
+    and the top-k values moved by at most their tolerance; otherwise it continues, up to ``max_iter`` products.
     The recurrence runs in float64 whatever ``dtype`` (module docstring), so fp32 products reach about 1e-7.
 
     Args:
@@ -393,14 +396,17 @@ def lanczos(
         product_error: ``() -> float``, the relative error of the products so far, read after the last product and
             added to every error bound times ``max|theta|`` (e.g. ``lambda: operator.product_error`` for
             finite-difference products); default: products exact up to rounding.
+        confirm: confirmation steps after the residual test first passes at step m, as a fraction of m (>= 0;
+            ``0`` stops at once, like ARPACK: fewer products, more risk of a missed eigenvalue near the top).
 
     Returns:
         :class:`Eigenpairs`.
 
     Raises:
-        ValueError: ``k``, ``tol``, ``max_iter`` or ``init`` out of range.
+        ValueError: ``k``, ``tol``, ``max_iter``, ``init`` or ``confirm`` out of range.
     """
     check_int("k", k, 1)
+    check_number("confirm", confirm)
     device = torch.device(device)
     ones = torch.ones(size, device=device, dtype=torch.float64)
     dimension = size if inner is local_inner else round(inner(ones, ones).item())
@@ -427,8 +433,8 @@ def lanczos(
         elif confirm_at is None or (
             process.length >= confirm_at and bool(((theta[top] - reference).abs() > targets[top]).any())
         ):  # first pass, or a value moved: (re)confirm
-            confirm_at, reference = process.length + math.ceil(CONFIRM_FRACTION * process.length), theta[top]
-        elif process.length >= confirm_at:
+            confirm_at, reference = process.length + math.ceil(confirm * process.length), theta[top]
+        if confirm_at is not None and process.length >= confirm_at:  # confirmed (at once with confirm=0)
             break
         if process.length >= max_iter:
             break
