@@ -8,7 +8,7 @@ within ``residual^2 / gap`` once converged, stopping when ``|beta_m s_{m,i}| <= 
 top k is a relative accuracy guarantee (not a "stopped changing" heuristic like power iteration's). The basis is
 kept orthonormal to ``eps ** 0.75`` by partial re-orthogonalisation (Simon 1984): the overlaps of each new vector
 with the basis are estimated from the recurrence's scalars, and only when one exceeds that level is the vector
-re-orthogonalised against the whole basis (block Gram-Schmidt, a second pass when the first cancelled most of the
+re-orthogonalised against the whole basis (Gram-Schmidt over the stored blocks, a second pass when the first cancelled most of the
 vector: the DGKS criterion, "twice is enough"), and the next one too. So no spurious copies of converged eigenvalues
 appear, while most of the passes over the basis, as costly as a product at 1M parameters, are skipped.
 Randomness (the start vector, restarts after an invariant subspace is found) comes from a private generator on the
@@ -195,23 +195,28 @@ class LanczosProcess:
         return self.blocks[:full] + ([self.blocks[full][:rest]] if rest else [])
 
     def orthogonalize(self, vector: Tensor) -> Tensor:
-        """``vector`` minus its projection on the basis, by classical Gram-Schmidt over the stored basis, repeated
-        once when the first pass removed more than ``1 - DGKS`` of its norm (Daniel, Gragg, Kaufman & Stewart 1976: a
-        second pass is needed only then, and "twice is enough"). The coefficients and the correction are computed in
-        the basis' storage dtype and subtracted from the float64 vector (in place when ``vector`` is float64 on the
-        basis device): their rounding is ``eps`` of the products times the removed component, below the overlap left
-        by the products' own rounding."""
+        """``vector`` minus its projection on the basis, repeated once when the first pass removed more than
+        ``1 - DGKS`` of its norm (Daniel, Gragg, Kaufman & Stewart 1976: a second pass is needed only then, and "twice
+        is enough"); in place when ``vector`` is float64 on the basis device. A float64 basis is removed block by
+        block (modified Gram-Schmidt over the blocks: each block sees the vector the previous ones left), which keeps
+        the float64 results at rounding level. A narrower stored basis is removed by classical Gram-Schmidt: the
+        coefficients and one correction are computed in the storage dtype from a narrow copy of the vector and
+        subtracted from the float64 vector once per pass; their rounding is ``eps`` of the products times the removed
+        component, below the overlap left by the products' own rounding, so the narrow copy is not refreshed per
+        block."""
         vector = vector.to(self.basis_device, BASIS_DTYPE)
         for _ in range(2):
             before = _norm(vector, self.inner)
-            if self.storage_dtype != BASIS_DTYPE:
+            if self.storage_dtype == BASIS_DTYPE:
+                for block in self._stored():
+                    vector.addmv_(block.T, self.inner(block, vector), alpha=-1)
+            else:
                 self.pass_buffer = _copied(vector, self.pass_buffer, self.storage_dtype)
-            narrow = vector if self.storage_dtype == BASIS_DTYPE else self.pass_buffer
-            self.correction = torch.empty_like(narrow) if self.correction is None else self.correction
-            self.correction.zero_()
-            for block in self._stored():
-                self.correction.addmv_(block.T, self.inner(block, narrow))
-            vector.sub_(self.correction)
+                self.correction = torch.empty_like(self.pass_buffer) if self.correction is None else self.correction
+                self.correction.zero_()
+                for block in self._stored():
+                    self.correction.addmv_(block.T, self.inner(block, self.pass_buffer))
+                vector.sub_(self.correction)
             if _norm(vector, self.inner) > DGKS * before:  # all-reduced: every rank takes the same branch
                 break
         return vector.to(self.device)
