@@ -8,9 +8,10 @@ within ``residual^2 / gap`` once converged, stopping when ``|beta_m s_{m,i}| <= 
 top k is a relative accuracy guarantee (not a "stopped changing" heuristic like power iteration's). The basis is
 kept orthonormal to ``eps ** 0.75`` by partial re-orthogonalisation (Simon 1984): the overlaps of each new vector
 with the basis are estimated from the recurrence's scalars, and only when one exceeds that level is the vector
-re-orthogonalised against the whole basis (Gram-Schmidt over the stored blocks, a second pass when the first cancelled most of the
-vector: the DGKS criterion, "twice is enough"), and the next one too. So no spurious copies of converged eigenvalues
-appear, while most of the passes over the basis, as costly as a product at 1M parameters, are skipped.
+re-orthogonalised against the whole basis (Gram-Schmidt over the stored blocks, a second pass when the first
+cancelled most of the vector: the DGKS criterion, "twice is enough"), and the next one too. So no spurious copies of
+converged eigenvalues appear, while most of the passes over the basis, as costly as a product at 1M parameters, are
+skipped.
 Randomness (the start vector, restarts after an invariant subspace is found) comes from a private generator on the
 CPU, so results do not depend on the device.
 
